@@ -1,0 +1,273 @@
+"""Dataset builders: each returns train/val/test splits plus what the model needs to know.
+
+Builders are named by `_target_` in conf/dataset/*.yaml. Splits are deterministic in the seed so
+that a cached baseline and every job of a sweep see the same images.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from sklearn.model_selection import train_test_split
+from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision import transforms as T
+
+from pipeline.errors import ConfigError, DataUnavailableError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class DataSplits:
+    train: Dataset
+    val: Dataset
+    test: Dataset
+    num_classes: int
+    input_shape: tuple[int, int, int]  # (channels, height, width) of one image
+
+
+@dataclass
+class Loaders:
+    train: DataLoader
+    val: DataLoader
+    test: DataLoader
+
+
+def make_loaders(splits: DataSplits, batch_size: int, seed: int, num_workers: int = 0) -> Loaders:
+    """Shuffled training loader with a seeded order; evaluation loaders in dataset order."""
+    generator = torch.Generator().manual_seed(seed)
+    common = {"batch_size": batch_size, "num_workers": num_workers}
+    return Loaders(
+        train=DataLoader(
+            splits.train, shuffle=True, generator=generator, drop_last=False, **common
+        ),
+        val=DataLoader(splits.val, shuffle=False, **common),
+        test=DataLoader(splits.test, shuffle=False, **common),
+    )
+
+
+def stratified_indices(
+    labels: Sequence[int], val_fraction: float, test_fraction: float, seed: int
+) -> tuple[list[int], list[int], list[int]]:
+    """Split indices into train/val/test, stratified by label where every class allows it."""
+    indices = np.arange(len(labels))
+    labels = np.asarray(labels)
+    rest, test = _split(indices, labels, test_fraction, seed)
+    # val_fraction is a share of the whole set, so rescale it to the remainder.
+    train, val = _split(rest, labels[rest], val_fraction / (1.0 - test_fraction), seed)
+    return train.tolist(), val.tolist(), test.tolist()
+
+
+def _split(indices: np.ndarray, labels: np.ndarray, fraction: float, seed: int):
+    if fraction <= 0:
+        return indices, indices[:0]
+    counts = np.bincount(labels)
+    stratify = labels if counts[counts > 0].min() >= 2 else None
+    try:
+        return train_test_split(indices, test_size=fraction, random_state=seed, stratify=stratify)
+    except ValueError:
+        # Too few images for one per class in the smaller part (tiny test data): plain shuffle.
+        return train_test_split(indices, test_size=fraction, random_state=seed)
+
+
+class TensorImages(Dataset):
+    """Images held in one tensor, with an optional per-sample augmentation."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, augment: Callable | None = None):
+        self.images, self.labels, self.augment = images, labels, augment
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int):
+        image = self.images[index]
+        if self.augment is not None:
+            image = self.augment(image)
+        return image, int(self.labels[index])
+
+
+class ImageList(Dataset):
+    """Image files with integer labels, read through PIL as RGB."""
+
+    def __init__(self, paths: Sequence[Path], labels: Sequence[int], transform: Callable):
+        self.paths, self.labels, self.transform = list(paths), list(labels), transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        with Image.open(self.paths[index]) as image:
+            return self.transform(image.convert("RGB")), self.labels[index]
+
+
+def digits(
+    num_classes: int,
+    image_size: int,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+) -> DataSplits:
+    """scikit-learn's bundled 8x8 digits, upscaled to 3 x image_size x image_size."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    if num_classes != 10:
+        raise ConfigError(f"dataset.num_classes={num_classes} is not allowed; allowed values: 10")
+    pixels = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    pixels = torch.nn.functional.interpolate(
+        pixels, size=(image_size, image_size), mode="bilinear", align_corners=False
+    )
+    images = ((pixels - 0.5) / 0.5).repeat(1, 3, 1, 1).contiguous()
+    labels = torch.tensor(bunch.target, dtype=torch.long)
+    train, val, test = stratified_indices(bunch.target, val_fraction, test_fraction, seed)
+    # Small shifts and rotations: the upscaled digits are few (1,257 for training).
+    augment = T.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1))
+    return DataSplits(
+        train=TensorImages(images[train], labels[train], augment),
+        val=TensorImages(images[val], labels[val]),
+        test=TensorImages(images[test], labels[test]),
+        num_classes=10,
+        input_shape=(3, image_size, image_size),
+    )
+
+
+def _image_transforms(image_size: int) -> tuple[Callable, Callable]:
+    normalize = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
+    train = T.Compose(
+        [
+            T.RandomResizedCrop(image_size, scale=(0.6, 1.0), antialias=True),
+            T.RandomHorizontalFlip(),
+            T.ColorJitter(0.2, 0.2, 0.2),
+            T.ToTensor(),
+            normalize,
+        ]
+    )
+    # Whole image resized, no crop: what the reference evaluation does.
+    evaluation = T.Compose(
+        [T.Resize((image_size, image_size), antialias=True), T.ToTensor(), normalize]
+    )
+    return train, evaluation
+
+
+def pets(
+    root: str,
+    download: bool,
+    split: str,
+    num_classes: int,
+    image_size: int,
+    val_fraction: float,
+    test_fraction: float,
+    split_seed: int,
+    seed: int,
+) -> DataSplits:
+    """Oxford-IIIT Pet through torchvision; `split` picks the official or the reference split."""
+    from torchvision.datasets import OxfordIIITPet
+
+    if split not in ("official", "reference"):
+        raise ConfigError(
+            f"dataset.split={split!r} is not allowed; allowed values: official, reference"
+        )
+    train_tf, eval_tf = _image_transforms(image_size)
+    base = Path(root) / "oxford-iiit-pet"
+    try:
+        trainval = OxfordIIITPet(root, split="trainval", download=download, transform=eval_tf)
+    except RuntimeError as error:
+        raise DataUnavailableError(
+            f"dataset.root={root}: Oxford-IIIT Pet not found ({error}); put the extracted "
+            f"images/ and annotations/ folders under {base} or set dataset.download=true"
+        ) from None
+    except OSError as error:  # download attempted without network
+        raise DataUnavailableError(
+            f"dataset.download=true: Oxford-IIIT Pet could not be downloaded ({error}); put the "
+            f"extracted images/ and annotations/ folders under {base}"
+        ) from None
+
+    if split == "official":
+        test = OxfordIIITPet(root, split="test", transform=eval_tf)
+        trainval_train = OxfordIIITPet(root, split="trainval", transform=train_tf)
+        labels = trainval._labels
+        train_idx, val_idx, _ = stratified_indices(labels, val_fraction, 0.0, seed)
+        train_set, val_set, test_set = (
+            Subset(trainval_train, train_idx),
+            Subset(trainval, val_idx),
+            test,
+        )
+    else:
+        paths, labels = _read_pet_list(base)
+        # Same call as the reference evaluation, so the 1,470 test images match it.
+        rest, test_idx = train_test_split(
+            np.arange(len(labels)),
+            test_size=test_fraction,
+            random_state=split_seed,
+            shuffle=True,
+            stratify=labels,
+        )
+        rest_labels = np.asarray(labels)[rest]
+        train_pos, val_pos = _split(
+            np.arange(len(rest)), rest_labels, val_fraction / (1.0 - test_fraction), seed
+        )
+        pick = lambda idx: ([paths[i] for i in idx], [labels[i] for i in idx])  # noqa: E731
+        train_set = ImageList(*pick(rest[train_pos]), transform=train_tf)
+        val_set = ImageList(*pick(rest[val_pos]), transform=eval_tf)
+        test_set = ImageList(*pick(test_idx), transform=eval_tf)
+
+    found = len(set(trainval._labels))
+    if found != num_classes:
+        raise ConfigError(
+            f"dataset.num_classes={num_classes} does not match the {found} breeds "
+            f"found under {base}"
+        )
+    return DataSplits(train_set, val_set, test_set, num_classes, (3, image_size, image_size))
+
+
+def _read_pet_list(base: Path) -> tuple[list[Path], list[int]]:
+    listing = base / "annotations" / "list.txt"
+    if not listing.is_file():
+        raise DataUnavailableError(
+            f"dataset.split=reference needs {listing} (part of annotations.tar.gz)"
+        )
+    paths, labels = [], []
+    for line in listing.read_text().splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        image_id, class_id = line.split()[:2]
+        paths.append(base / "images" / f"{image_id}.jpg")
+        labels.append(int(class_id) - 1)
+    return paths, labels
+
+
+def imagefolder(
+    root: str,
+    num_classes: int,
+    image_size: int,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+) -> DataSplits:
+    """Any torchvision ImageFolder tree (root/<class>/<image>), split stratified from the seed."""
+    from torchvision.datasets import ImageFolder
+
+    if not Path(root).is_dir():
+        raise DataUnavailableError(f"dataset.root={root}: no such folder of class folders")
+    train_tf, eval_tf = _image_transforms(image_size)
+    train_view = ImageFolder(root, transform=train_tf)
+    eval_view = ImageFolder(root, transform=eval_tf)
+    if len(train_view.classes) != num_classes:
+        raise ConfigError(
+            f"dataset.num_classes={num_classes} does not match the "
+            f"{len(train_view.classes)} class folders under {root}"
+        )
+    train, val, test = stratified_indices(train_view.targets, val_fraction, test_fraction, seed)
+    return DataSplits(
+        Subset(train_view, train),
+        Subset(eval_view, val),
+        Subset(eval_view, test),
+        num_classes,
+        (3, image_size, image_size),
+    )

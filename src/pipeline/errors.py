@@ -1,0 +1,21 @@
+"""Failures the user can fix: each carries one line that names the setting and what to do."""
+
+
+class PipelineError(Exception):
+    """An expected failure; the command line prints its message alone and exits non-zero."""
+
+
+class ConfigError(PipelineError, ValueError):
+    """A setting is missing or outside its allowed values."""
+
+
+class DataUnavailableError(PipelineError):
+    """A dataset is not on disk and cannot be downloaded."""
+
+
+class WeightsUnavailableError(PipelineError):
+    """Pretrained weights or a checkpoint cannot be loaded."""
+
+
+class SpeedupError(PipelineError):
+    """NNI's ModelSpeedup produced a model that does not run."""

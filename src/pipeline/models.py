@@ -1,0 +1,69 @@
+"""Model builders, named by `_target_` in conf/model/*.yaml, and checkpoint loading."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pipeline.errors import WeightsUnavailableError
+
+
+def classifier_head(in_features: int, hidden: Sequence[int], num_classes: int, dropout: float):
+    """Linear -> ReLU -> Dropout for each hidden width, then the output Linear."""
+    layers: list[nn.Module] = []
+    width = in_features
+    for size in hidden:
+        layers += [nn.Linear(width, size), nn.ReLU(inplace=True), nn.Dropout(dropout)]
+        width = size
+    layers.append(nn.Linear(width, num_classes))
+    return nn.Sequential(*layers)
+
+
+def mobilenet_v2(
+    num_classes: int,
+    weights: str = "none",
+    head: Sequence[int] = (1024, 512, 128),
+    dropout: float = 0.5,
+) -> nn.Module:
+    """torchvision MobileNetV2 with the reference head (4,130,853 parameters for 37 classes).
+
+    weights: "none", "imagenet" (torchvision's IMAGENET1K_V1 feature extractor) or a checkpoint
+    path holding the whole model's state dict.
+    """
+    from torchvision.models import MobileNet_V2_Weights
+    from torchvision.models import mobilenet_v2 as tv_mobilenet_v2
+
+    model = tv_mobilenet_v2(weights=None)
+    if weights == "imagenet":
+        try:
+            state = MobileNet_V2_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
+        except Exception as error:  # network, hub cache or checksum failures all end the same way
+            raise WeightsUnavailableError(
+                f"model.weights=imagenet: torchvision's MobileNet_V2 weights could not be loaded "
+                f"({type(error).__name__}: {error}); put them in the torch hub cache "
+                f"({torch.hub.get_dir()}/checkpoints) or pass a checkpoint path"
+            ) from None
+        model.load_state_dict(state)
+    model.classifier = classifier_head(model.last_channel, head, num_classes, dropout)
+    if weights not in ("none", "imagenet"):
+        model.load_state_dict(load_state_dict(weights, key="model.weights"))
+    return model
+
+
+def load_state_dict(path: str | Path, key: str) -> dict[str, torch.Tensor]:
+    """Read a .safetensors file or a torch state dict (tensors only, no pickled code)."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsUnavailableError(f"{key}={path}: no such checkpoint file")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(path)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise WeightsUnavailableError(f"{key}={path}: unreadable checkpoint ({error})") from None
+    return state.get("state_dict", state) if isinstance(state, dict) else state

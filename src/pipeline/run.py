@@ -1,0 +1,195 @@
+"""One pipeline run, top to bottom: baseline -> prune -> speedup -> finetune -> measure."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import logging
+import os
+import random
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.cache import cache_key
+from pipeline.data import DataSplits, make_loaders
+from pipeline.export import build_from_config, export_onnx, save_pruned
+from pipeline.report import summary_table
+from pipeline.schema import RunSchema, validate
+from pipeline.stages.baseline import baseline
+from pipeline.stages.finetune import finetune
+from pipeline.stages.measure import measure, quality
+from pipeline.stages.prune import prune, save_masks
+from pipeline.stages.speedup import speedup
+
+log = logging.getLogger(__name__)
+
+
+def load_settings(cfg: DictConfig) -> RunSchema:
+    """Validate the composed config and return it typed; raises ConfigError on bad input."""
+    validate(cfg)
+    typed = OmegaConf.merge(OmegaConf.structured(RunSchema), _schema_part(cfg))
+    return OmegaConf.to_object(typed)
+
+
+def _schema_part(cfg: DictConfig) -> dict:
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    return {key: value for key, value in plain.items() if key in RunSchema.__dataclass_fields__}
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_device(choice: str) -> torch.device:
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        log.warning("device=cuda requested but no CUDA device is present; using the CPU")
+        return torch.device("cpu")
+    return torch.device(choice)
+
+
+class StageTimer:
+    def __init__(self) -> None:
+        self.seconds: dict[str, dict[str, float]] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        log.info("stage %s: start", name)
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = {"seconds": time.perf_counter() - began}
+            log.info("stage %s: %.1f s", name, self.seconds[name]["seconds"])
+
+
+def baseline_cache_path(cfg: DictConfig, settings: RunSchema) -> Path | None:
+    if not settings.baseline.cache or settings.baseline.checkpoint:
+        return None
+    training = {
+        k: v for k, v in vars(settings.baseline).items() if k not in ("checkpoint", "cache")
+    }
+    key = cache_key(
+        OmegaConf.to_container(cfg.model, resolve=True),
+        OmegaConf.to_container(cfg.dataset, resolve=True),
+        training,
+        OmegaConf.to_container(cfg.finetune.criterion, resolve=True),
+        settings.max_batches,
+        settings.seed,
+    )
+    return Path(settings.paths["cache_dir"]) / "baselines" / f"{key}.safetensors"
+
+
+def write_json(record: dict, path: Path) -> None:
+    """Write via a temporary file and rename, so a crash never leaves half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as handle:
+        json.dump(record, handle, indent=2, default=str)
+    os.replace(tmp, path)
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict:
+    settings = load_settings(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(settings.seed)
+    device = resolve_device(settings.device)
+    on_cuda = settings.pruner.pruning_on_cuda and torch.cuda.is_available()
+    prune_device = torch.device("cuda") if on_cuda else torch.device("cpu")
+    max_batches = settings.max_batches
+    timer = StageTimer()
+
+    splits: DataSplits = instantiate(cfg.dataset)
+    input_shape = splits.input_shape
+    baseline_loaders = make_loaders(
+        splits, settings.baseline.batch_size, settings.seed, settings.num_workers
+    )
+    finetune_loaders = make_loaders(
+        splits, settings.finetune.batch_size, settings.seed, settings.num_workers
+    )
+    criterion = instantiate(cfg.finetune.criterion)
+    model_config = OmegaConf.to_container(cfg.model, resolve=True)
+
+    with timer("baseline"):
+        base = baseline(
+            build_from_config(model_config),
+            baseline_loaders,
+            criterion,
+            instantiate(cfg.baseline.optimizer),
+            settings.baseline,
+            device,
+            baseline_cache_path(cfg, settings),
+            max_batches,
+        )
+        baseline_quality = quality(
+            base.model, baseline_loaders.test, criterion, device, input_shape, max_batches
+        )
+
+    with timer("prune"):
+        # NNI prunes in place: keep the baseline intact for the final comparison.
+        pruned = prune(
+            copy.deepcopy(base.model),
+            settings.pruner,
+            settings.sparsity,
+            finetune_loaders.train,
+            criterion,
+            prune_device,
+            input_shape,
+        )
+        save_masks(pruned.masks, run_dir / "masks.safetensors")
+
+    with timer("speedup"):
+        pruned_model = speedup(pruned.model, pruned.masks, input_shape, settings.pruner.confidence)
+
+    with timer("finetune"):
+        tuned = finetune(
+            pruned_model,
+            finetune_loaders,
+            criterion,
+            instantiate(cfg.finetune.optimizer),
+            settings.finetune,
+            device,
+            max_batches,
+        )
+
+    with timer("measure"):
+        measurements = measure(
+            base.model,
+            baseline_quality,
+            tuned.model,
+            finetune_loaders.test,
+            criterion,
+            device,
+            input_shape,
+            settings.measure,
+            max_batches,
+        )
+
+    model_dir = save_pruned(tuned.model, model_config, run_dir / "pruned_model")
+    if settings.measure.onnx:
+        export_onnx(tuned.model, input_shape, model_dir / "model.onnx")
+
+    record = measurements | {
+        "stages": timer.seconds,
+        "baseline_source": base.source,
+        "baseline_history": base.history,
+        "finetune_history": tuned.history,
+        "finetune_best_epoch": tuned.best_epoch,
+        "pruning": {"config_list": pruned.config_list, "device": prune_device.type},
+        "device": device.type,
+        "pruned_model": str(model_dir),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    write_json(record, run_dir / "measurements.json")
+    print(summary_table(record))
+    return record

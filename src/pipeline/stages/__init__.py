@@ -1,0 +1,1 @@
+"""The five stages of a run, one module each: baseline, prune, speedup, finetune, measure."""

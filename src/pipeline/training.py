@@ -1,0 +1,155 @@
+"""The one train / evaluate loop, shared by the baseline, NNI's training steps and fine-tuning."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from itertools import islice
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalResult:
+    accuracy: float  # top-1, 0..1
+    top5: float
+    loss: float
+    samples: int
+
+
+@dataclass
+class FitResult:
+    model: nn.Module  # holds the weights of best_epoch
+    history: list[dict] = field(default_factory=list)  # {epoch, train_loss, val_accuracy, val_loss}
+    best_epoch: int = 0  # 0: the starting weights were best (or no epoch ran)
+
+
+def batches(loader: Iterable, max_batches: int | None) -> Iterator:
+    return iter(loader) if max_batches is None else islice(loader, max_batches)
+
+
+def _progress(loader: Iterable, max_batches: int | None, desc: str):
+    total = len(loader) if hasattr(loader, "__len__") else None
+    if total is not None and max_batches is not None:
+        total = min(total, max_batches)
+    return tqdm(
+        batches(loader, max_batches),
+        total=total,
+        desc=desc,
+        leave=False,
+        dynamic_ncols=True,
+        disable=None,
+    )
+
+
+def train_steps(
+    model: nn.Module,
+    loader: Iterable,
+    criterion: Callable,
+    optimizer: torch.optim.Optimizer,
+    device: torch.device,
+    max_batches: int | None = None,
+    desc: str = "train",
+) -> float:
+    """One pass over (at most max_batches of) the loader; returns the mean training loss."""
+    model.train()
+    total_loss, seen = 0.0, 0
+    bar = _progress(loader, max_batches, desc)
+    for images, labels in bar:
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        optimizer.zero_grad(set_to_none=True)
+        loss = criterion(model(images), labels)
+        loss.backward()
+        optimizer.step()
+        total_loss += loss.item() * len(labels)
+        seen += len(labels)
+        bar.set_postfix(loss=f"{total_loss / seen:.4f}")
+    return total_loss / max(seen, 1)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: Iterable,
+    criterion: Callable,
+    device: torch.device,
+    max_batches: int | None = None,
+    desc: str = "eval",
+) -> EvalResult:
+    model.eval()
+    correct1 = correct5 = seen = 0
+    total_loss = 0.0
+    for images, labels in _progress(loader, max_batches, desc):
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        logits = model(images)
+        total_loss += criterion(logits, labels).item() * len(labels)
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hits = top.eq(labels.unsqueeze(1))
+        correct1 += hits[:, 0].sum().item()
+        correct5 += hits.any(dim=1).sum().item()
+        seen += len(labels)
+    if seen == 0:
+        return EvalResult(math.nan, math.nan, math.nan, 0)
+    return EvalResult(correct1 / seen, correct5 / seen, total_loss / seen, seen)
+
+
+def fit(
+    model: nn.Module,
+    train_loader: Iterable,
+    val_loader: Iterable,
+    criterion: Callable,
+    optimizer: torch.optim.Optimizer,
+    epochs: int,
+    device: torch.device,
+    max_batches: int | None = None,
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+    desc: str = "train",
+    on_epoch: Callable[[dict], None] | None = None,
+) -> FitResult:
+    """Train for `epochs`, keeping the weights of the epoch with the best validation accuracy."""
+    model.to(device)
+    best_accuracy = -1.0
+    best_state = None
+    result = FitResult(model=model)
+    # disable=None: bars on a terminal, none in redirected logs.
+    epoch_bar = tqdm(range(1, epochs + 1), desc=desc, dynamic_ncols=True, disable=None)
+    for epoch in epoch_bar:
+        train_loss = train_steps(
+            model, train_loader, criterion, optimizer, device, max_batches, f"{desc} {epoch}"
+        )
+        if scheduler is not None:
+            scheduler.step()
+        val = evaluate(model, val_loader, criterion, device, max_batches, "val")
+        record = {
+            "epoch": epoch,
+            "train_loss": train_loss,
+            "val_accuracy": val.accuracy,
+            "val_loss": val.loss,
+        }
+        result.history.append(record)
+        if on_epoch is not None:
+            on_epoch(record)
+        epoch_bar.set_postfix(loss=f"{train_loss:.4f}", val_acc=f"{val.accuracy:.4f}")
+        log.info(
+            "%s epoch %d/%d: train loss %.4f, val accuracy %.4f",
+            desc,
+            epoch,
+            epochs,
+            train_loss,
+            val.accuracy,
+        )
+        # A NaN accuracy (empty validation split) never beats; the last epoch is kept then.
+        if val.accuracy > best_accuracy or math.isnan(val.accuracy):
+            best_accuracy = val.accuracy if not math.isnan(val.accuracy) else best_accuracy
+            best_state = copy.deepcopy(model.state_dict())
+            result.best_epoch = epoch
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return result

@@ -1,0 +1,56 @@
+"""Shared fixtures: a composed config shrunk to a few batches, one output folder per test."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, open_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = ROOT / "conf"
+
+# A few batches of small images, one epoch each, short timing loops: seconds, not minutes.
+TINY = [
+    "max_batches=2",
+    "baseline.epochs=1",
+    "baseline.batch_size=16",
+    "finetune.epochs=1",
+    "finetune.batch_size=16",
+    "pruner.training_steps=2",
+    "measure.warmup=1",
+    "measure.repeats=3",
+    "measure.throughput_batch_size=4",
+    "measure.throughput_repeats=1",
+]
+
+
+def make_config(tmp_path: Path, *overrides: str) -> DictConfig:
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[*TINY, *overrides])
+    with open_dict(cfg):
+        cfg.paths.output_root = str(tmp_path / "outputs")
+        cfg.paths.cache_dir = str(tmp_path / "outputs" / "cache")
+    return cfg
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+    return lambda *overrides: make_config(tmp_path, *overrides)
+
+
+def run_cli(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run `python -m pipeline` as a user would, in `cwd`."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

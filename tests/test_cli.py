@@ -1,0 +1,34 @@
+"""The command line as a user types it."""
+
+import json
+
+from conftest import ROOT, TINY, run_cli
+
+
+def test_reference_command_completes_and_prints_the_summary(tmp_path):
+    result = run_cli(
+        "pruner=mean_rank", "sparsity=0.15", *TINY, f"paths.output_root={tmp_path}", cwd=ROOT
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "accuracy (top-1)" in result.stdout
+    (measurements,) = (tmp_path / "runs").glob("*/*/measurements.json")
+    record = json.loads(measurements.read_text())
+    assert record["config"]["sparsity"] == 0.15
+
+
+def test_bad_value_exits_non_zero_with_one_line(tmp_path):
+    result = run_cli("pruner.mode=greedy", f"paths.output_root={tmp_path}", cwd=ROOT)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1] == (
+        "error: pruner.mode='greedy' is not allowed; allowed values: normal, dependency_aware"
+    )
+    assert "Traceback" not in result.stderr
+
+
+def test_unknown_pruner_exits_non_zero_with_one_line(tmp_path):
+    result = run_cli("pruner=magnitude", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        "error: pruner='magnitude' is not allowed; allowed values: apoz, mean_rank"
+    )

@@ -1,0 +1,78 @@
+import subprocess
+import sys
+
+import torch
+
+from pipeline import load_pruned, save_pruned
+from pipeline.data import digits
+from pipeline.models import mobilenet_v2
+from pipeline.run import load_settings
+from pipeline.stages.prune import prune
+from pipeline.stages.speedup import speedup
+
+MODEL_CONFIG = {"_target_": "pipeline.models.mobilenet_v2", "num_classes": 10, "weights": "none"}
+
+RELOAD = """
+import sys, torch
+from pipeline import load_pruned
+model = load_pruned(sys.argv[1])
+inputs = torch.load(sys.argv[2], weights_only=True)
+torch.save(model(inputs), sys.argv[3])
+assert "nni" not in sys.modules, "load_pruned imported NNI"
+"""
+
+
+def test_pruned_model_reloads_in_a_fresh_process_with_the_same_outputs(tiny_config, tmp_path):
+    settings = load_settings(tiny_config("sparsity=0.3"))
+    splits = digits(10, 32, 0.1, 0.2, seed=0)
+    loader = torch.utils.data.DataLoader(splits.train, batch_size=16)
+    result = prune(
+        mobilenet_v2(num_classes=10),
+        settings.pruner,
+        0.3,
+        loader,
+        torch.nn.CrossEntropyLoss(),
+        torch.device("cpu"),
+        splits.input_shape,
+    )
+    pruned = speedup(result.model, result.masks, splits.input_shape, 8).eval()
+    directory = save_pruned(pruned, MODEL_CONFIG, tmp_path / "pruned_model")
+
+    inputs = torch.randn(4, 3, 32, 32)
+    torch.save(inputs, tmp_path / "inputs.pt")
+    with torch.no_grad():
+        expected = pruned(inputs)
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            RELOAD,
+            str(directory),
+            str(tmp_path / "inputs.pt"),
+            str(tmp_path / "outputs.pt"),
+        ],
+        check=True,
+    )
+    reloaded = torch.load(tmp_path / "outputs.pt", weights_only=True)
+    torch.testing.assert_close(reloaded, expected)
+
+    in_process = load_pruned(directory)
+    assert sum(p.numel() for p in in_process.parameters()) == sum(
+        p.numel() for p in pruned.parameters()
+    )
+
+
+def test_saving_is_all_or_nothing(tmp_path):
+    class Odd(torch.nn.Module):
+        def forward(self, x):
+            return x
+
+    model = mobilenet_v2(num_classes=10)
+    model.features[0] = Odd()
+    try:
+        save_pruned(model, MODEL_CONFIG, tmp_path / "pruned_model")
+    except TypeError as error:
+        assert "features.0" in str(error)
+    else:
+        raise AssertionError("an unknown layer type must not be saved")
+    assert not (tmp_path / "pruned_model").exists()

@@ -1,0 +1,35 @@
+import torch
+from torch import nn
+
+from pipeline.export import build_from_config
+from pipeline.model_stats import count_macs, count_params, size_bytes
+from pipeline.models import mobilenet_v2
+
+
+def test_reference_mobilenet_v2_has_the_published_parameter_count():
+    model = mobilenet_v2(num_classes=37)
+    assert count_params(model) == 4_130_853
+    widths = [m.out_features for m in model.classifier if isinstance(m, nn.Linear)]
+    assert widths == [1024, 512, 128, 37]
+
+
+def test_builder_from_config_matches_direct_call():
+    config = {"_target_": "pipeline.models.mobilenet_v2", "num_classes": 10, "weights": "none"}
+    model = build_from_config(config)
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_stats_of_a_known_layer():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Flatten(), nn.Linear(8 * 4 * 4, 5))
+    assert count_params(model) == 3 * 8 * 9 + 8 + 128 * 5 + 5
+    assert count_macs(model, (3, 4, 4)) == 8 * 4 * 4 * 3 * 9 + 128 * 5
+    assert size_bytes(model) == 4 * count_params(model)
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path):
+    import pytest
+
+    from pipeline.errors import WeightsUnavailableError
+
+    with pytest.raises(WeightsUnavailableError, match="model.weights=.*no such checkpoint"):
+        mobilenet_v2(num_classes=10, weights=str(tmp_path / "missing.pt"))

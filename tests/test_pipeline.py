@@ -1,0 +1,111 @@
+"""End-to-end runs of all five stages on tiny configs."""
+
+import json
+
+import pytest
+import torch
+
+from pipeline.data import digits
+from pipeline.model_stats import count_params
+from pipeline.models import mobilenet_v2
+from pipeline.run import load_settings, run
+from pipeline.stages.prune import prune
+from pipeline.stages.speedup import speedup
+
+REQUIRED = ("accuracy", "top5", "params", "macs", "size_bytes", "latency_ms", "throughput")
+
+
+def test_run_writes_measurements_and_a_smaller_model(tiny_config, tmp_path, capsys):
+    record = run(tiny_config(), tmp_path / "run")
+
+    saved = json.loads((tmp_path / "run" / "measurements.json").read_text())
+    for side in ("baseline", "pruned"):
+        for key in REQUIRED:
+            assert key in saved[side], f"{side}.{key} missing from measurements.json"
+        assert set(saved[side]["latency_ms"]) >= {"p50", "p90"}
+        assert 0.0 <= saved[side]["accuracy"] <= 1.0
+    assert set(saved["stages"]) == {"baseline", "prune", "speedup", "finetune", "measure"}
+    assert all(stage["seconds"] > 0 for stage in saved["stages"].values())
+    assert saved["config"]["pruner"]["type"] == "mean_rank"
+    assert saved["pruned"]["params"] < saved["baseline"]["params"]
+    assert saved["pruned"]["macs"] < saved["baseline"]["macs"]
+    assert record["pruned"]["params"] == saved["pruned"]["params"]
+    assert (tmp_path / "run" / "masks.safetensors").is_file()
+    assert (tmp_path / "run" / "pruned_model" / "model.safetensors").is_file()
+    out = capsys.readouterr().out
+    assert "accuracy (top-1)" in out and "params" in out and "latency p50" in out
+
+
+def test_second_run_reuses_the_cached_baseline(tiny_config, tmp_path):
+    first = run(tiny_config(), tmp_path / "first")
+    second = run(tiny_config("sparsity=0.3"), tmp_path / "second")
+    assert first["baseline_source"] == "trained"
+    assert second["baseline_source"] == "cache"
+    assert second["baseline"]["accuracy"] == first["baseline"]["accuracy"]
+
+
+def test_apoz_normal_relu6_completes(tiny_config, tmp_path):
+    record = run(
+        tiny_config("pruner=apoz", "pruner.mode=normal", "pruner.activation=relu6"),
+        tmp_path / "run",
+    )
+    assert record["pruned"]["params"] < record["baseline"]["params"]
+    assert record["config"]["pruner"]["activation"] == "relu6"
+
+
+def test_user_config_list_replaces_the_default(tiny_config, tmp_path):
+    record = run(
+        tiny_config("pruner.config_list=[{sparsity_per_layer: 0.5, op_types: [Linear]}]"),
+        tmp_path / "run",
+    )
+    entries = record["pruning"]["config_list"]
+    assert entries[0] == {"sparsity_per_layer": 0.5, "op_types": ["Linear"]}
+    assert entries[-1]["exclude"] is True
+    # Only Linear layers were pruned: the convolutional features keep their MACs share.
+    assert record["pruned"]["params"] < record["baseline"]["params"]
+
+
+def _pruned_params(settings, sparsity, splits):
+    torch.manual_seed(0)
+    model = mobilenet_v2(num_classes=10)
+    loader = torch.utils.data.DataLoader(splits.train, batch_size=16)
+    result = prune(
+        model,
+        settings.pruner,
+        sparsity,
+        loader,
+        torch.nn.CrossEntropyLoss(),
+        torch.device("cpu"),
+        splits.input_shape,
+    )
+    pruned = speedup(result.model, result.masks, splits.input_shape, settings.pruner.confidence)
+    assert pruned(torch.zeros(2, *splits.input_shape)).shape == (2, 10)
+    return count_params(pruned)
+
+
+def test_pruned_parameters_fall_as_sparsity_rises(tiny_config):
+    settings = load_settings(tiny_config())
+    splits = digits(10, 32, 0.1, 0.2, seed=0)
+    counts = [_pruned_params(settings, s, splits) for s in (0.05, 0.15, 0.5)]
+    unpruned = count_params(mobilenet_v2(num_classes=10))
+    assert unpruned > counts[0] > counts[1] > counts[2], counts
+
+
+@pytest.mark.parametrize("mode", ["normal", "dependency_aware"])
+def test_last_layer_keeps_its_outputs(tiny_config, mode):
+    settings = load_settings(tiny_config(f"pruner.mode={mode}"))
+    splits = digits(10, 32, 0.1, 0.2, seed=0)
+    model = mobilenet_v2(num_classes=10)
+    loader = torch.utils.data.DataLoader(splits.train, batch_size=16)
+    result = prune(
+        model,
+        settings.pruner,
+        0.5,
+        loader,
+        torch.nn.CrossEntropyLoss(),
+        torch.device("cpu"),
+        splits.input_shape,
+    )
+    pruned = speedup(result.model, result.masks, splits.input_shape, 8)
+    assert pruned.classifier[-1].out_features == 10
+    assert pruned.classifier[-1].in_features < 128
