@@ -38,6 +38,15 @@ def make_config(tmp_path: Path, *overrides: str) -> DictConfig:
     return cfg
 
 
+@pytest.fixture(autouse=True)
+def no_leaked_tracking_uri():
+    """mlflow.set_tracking_uri() also sets $MLFLOW_TRACKING_URI; keep it from reaching the next
+    test (and the CLI runs it starts), which would then log into another test's store."""
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    yield
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+
+
 @pytest.fixture
 def tiny_config(tmp_path):
     return lambda *overrides: make_config(tmp_path, *overrides)

@@ -6,6 +6,8 @@ that a cached baseline and every job of a sweep see the same images.
 
 from __future__ import annotations
 
+import gzip
+import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,20 +78,46 @@ def _split(indices: np.ndarray, labels: np.ndarray, fraction: float, seed: int):
         return train_test_split(indices, test_size=fraction, random_state=seed)
 
 
-class TensorImages(Dataset):
-    """Images held in one tensor, with an optional per-sample augmentation."""
+class GrayImages(Dataset):
+    """Grayscale images held as one uint8 tensor (N, H, W), served as normalised 3 x H x W floats.
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, augment: Callable | None = None):
-        self.images, self.labels, self.augment = images, labels, augment
+    uint8 keeps 60,000 Fashion-MNIST images in 60 MB; the three channels are the same plane, so
+    ImageNet-shaped models take them unchanged.
+    """
+
+    def __init__(
+        self,
+        pixels: torch.Tensor,
+        labels: torch.Tensor,
+        mean: float,
+        std: float,
+        augment: Callable | None = None,
+    ):
+        self.pixels, self.labels, self.augment = pixels, labels, augment
+        self.mean, self.std = mean, std
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, index: int):
-        image = self.images[index]
+        image = (self.pixels[index].float().div(255.0) - self.mean) / self.std
+        image = image.unsqueeze(0)
         if self.augment is not None:
             image = self.augment(image)
-        return image, int(self.labels[index])
+        return image.expand(3, -1, -1), int(self.labels[index])
+
+
+def _resize_to_uint8(images: torch.Tensor, size: int, scale: float) -> torch.Tensor:
+    """(N, H, W) values in [0, scale] -> (N, size, size) uint8; chunked to bound memory."""
+    out = torch.empty(len(images), size, size, dtype=torch.uint8)
+    for start in range(0, len(images), 4096):
+        chunk = images[start : start + 4096].float().unsqueeze(1) / scale
+        if chunk.shape[-1] != size:
+            chunk = torch.nn.functional.interpolate(
+                chunk, size=(size, size), mode="bilinear", align_corners=False
+            )
+        out[start : start + 4096] = chunk.squeeze(1).mul(255.0).round().clamp(0, 255).byte()
+    return out
 
 
 class ImageList(Dataset):
@@ -119,19 +147,84 @@ def digits(
     bunch = load_digits()
     if num_classes != 10:
         raise ConfigError(f"dataset.num_classes={num_classes} is not allowed; allowed values: 10")
-    pixels = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    pixels = torch.nn.functional.interpolate(
-        pixels, size=(image_size, image_size), mode="bilinear", align_corners=False
-    )
-    images = ((pixels - 0.5) / 0.5).repeat(1, 3, 1, 1).contiguous()
+    pixels = _resize_to_uint8(torch.tensor(bunch.images), image_size, scale=16.0)
     labels = torch.tensor(bunch.target, dtype=torch.long)
     train, val, test = stratified_indices(bunch.target, val_fraction, test_fraction, seed)
     # Small shifts and rotations: the upscaled digits are few (1,257 for training).
     augment = T.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1))
     return DataSplits(
-        train=TensorImages(images[train], labels[train], augment),
-        val=TensorImages(images[val], labels[val]),
-        test=TensorImages(images[test], labels[test]),
+        train=GrayImages(pixels[train], labels[train], 0.5, 0.5, augment),
+        val=GrayImages(pixels[val], labels[val], 0.5, 0.5),
+        test=GrayImages(pixels[test], labels[test], 0.5, 0.5),
+        num_classes=10,
+        input_shape=(3, image_size, image_size),
+    )
+
+
+FASHION_MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX file (the MNIST family's format), gzipped or not, as a numpy array."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as handle:
+        data = handle.read()
+    zero, dtype_code, ndim = data[0] << 8 | data[1], data[2], data[3]
+    if zero != 0 or dtype_code != 0x08:
+        raise DataUnavailableError(f"{path}: not an unsigned-byte IDX file")
+    shape = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def fashion_mnist(
+    root: str,
+    num_classes: int,
+    image_size: int,
+    val_fraction: float,
+    train_limit: int | None,
+    seed: int,
+) -> DataSplits:
+    """Fashion-MNIST from IDX files (Debian's dataset-fashion-mnist package puts them in root).
+
+    The official 60k/10k split; validation is carved, stratified, from the training part.
+    `train_limit` keeps a stratified subset of the training images, for quick experiments.
+    """
+    if num_classes != 10:
+        raise ConfigError(f"dataset.num_classes={num_classes} is not allowed; allowed values: 10")
+    folder = Path(root)
+    missing = [
+        name
+        for pair in FASHION_MNIST_FILES.values()
+        for name in pair
+        if not (folder / name).is_file()
+    ]
+    if missing:
+        raise DataUnavailableError(
+            f"dataset.root={root}: Fashion-MNIST files missing ({', '.join(missing)}); install "
+            f"them with `apt-get install dataset-fashion-mnist` or point dataset.root at them"
+        )
+    train_images, train_labels = (read_idx(folder / name) for name in FASHION_MNIST_FILES["train"])
+    test_images, test_labels = (read_idx(folder / name) for name in FASHION_MNIST_FILES["test"])
+    train, val, _ = stratified_indices(train_labels, val_fraction, 0.0, seed)
+    if train_limit is not None and train_limit < len(train):
+        train, _ = _split(
+            np.asarray(train), train_labels[train], 1 - train_limit / len(train), seed
+        )
+        train = train.tolist()
+    mean, std = 0.2860, 0.3530  # Fashion-MNIST's pixel statistics
+    train_pixels = _resize_to_uint8(torch.from_numpy(train_images.copy()), image_size, 255.0)
+    test_pixels = _resize_to_uint8(torch.from_numpy(test_images.copy()), image_size, 255.0)
+    labels = torch.from_numpy(train_labels.astype(np.int64))
+    augment = T.Compose(
+        [T.RandomHorizontalFlip(), T.RandomAffine(degrees=0, translate=(0.08, 0.08))]
+    )
+    return DataSplits(
+        train=GrayImages(train_pixels[train], labels[train], mean, std, augment),
+        val=GrayImages(train_pixels[val], labels[val], mean, std),
+        test=GrayImages(test_pixels, torch.from_numpy(test_labels.astype(np.int64)), mean, std),
         num_classes=10,
         input_shape=(3, image_size, image_size),
     )

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import logging
 import os
 import random
 import tempfile
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline.cache import cache_key
 from pipeline.data import DataSplits, make_loaders
 from pipeline.export import build_from_config, export_onnx, save_pruned
+from pipeline.plots import resource_usage, training_curves
 from pipeline.report import summary_table
 from pipeline.schema import RunSchema, validate
 from pipeline.stages.baseline import baseline
@@ -28,6 +26,7 @@ from pipeline.stages.finetune import finetune
 from pipeline.stages.measure import measure, quality
 from pipeline.stages.prune import prune, save_masks
 from pipeline.stages.speedup import speedup
+from pipeline.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -59,21 +58,6 @@ def resolve_device(choice: str) -> torch.device:
     return torch.device(choice)
 
 
-class StageTimer:
-    def __init__(self) -> None:
-        self.seconds: dict[str, dict[str, float]] = {}
-
-    @contextlib.contextmanager
-    def __call__(self, name: str) -> Iterator[None]:
-        log.info("stage %s: start", name)
-        began = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[name] = {"seconds": time.perf_counter() - began}
-            log.info("stage %s: %.1f s", name, self.seconds[name]["seconds"])
-
-
 def baseline_cache_path(cfg: DictConfig, settings: RunSchema) -> Path | None:
     if not settings.baseline.cache or settings.baseline.checkpoint:
         return None
@@ -99,7 +83,9 @@ def write_json(record: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def run(cfg: DictConfig, run_dir: Path) -> dict:
+def run(cfg: DictConfig, run_dir: Path, tracker: Tracker | None = None) -> dict:
+    """All five stages; `tracker` (MLflow or timing only) sees every stage, metric and file."""
+    tracker = tracker or Tracker({}, cfg.paths.output_root)
     settings = load_settings(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(settings.seed)
@@ -107,7 +93,6 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     on_cuda = settings.pruner.pruning_on_cuda and torch.cuda.is_available()
     prune_device = torch.device("cuda") if on_cuda else torch.device("cpu")
     max_batches = settings.max_batches
-    timer = StageTimer()
 
     splits: DataSplits = instantiate(cfg.dataset)
     input_shape = splits.input_shape
@@ -120,7 +105,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     criterion = instantiate(cfg.finetune.criterion)
     model_config = OmegaConf.to_container(cfg.model, resolve=True)
 
-    with timer("baseline"):
+    with tracker.stage("baseline"):
         base = baseline(
             build_from_config(model_config),
             baseline_loaders,
@@ -135,7 +120,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             base.model, baseline_loaders.test, criterion, device, input_shape, max_batches
         )
 
-    with timer("prune"):
+    with tracker.stage("prune"):
         # NNI prunes in place: keep the baseline intact for the final comparison.
         pruned = prune(
             copy.deepcopy(base.model),
@@ -148,10 +133,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         )
         save_masks(pruned.masks, run_dir / "masks.safetensors")
 
-    with timer("speedup"):
+    with tracker.stage("speedup"):
         pruned_model = speedup(pruned.model, pruned.masks, input_shape, settings.pruner.confidence)
 
-    with timer("finetune"):
+    with tracker.stage("finetune"):
         tuned = finetune(
             pruned_model,
             finetune_loaders,
@@ -160,9 +145,16 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             settings.finetune,
             device,
             max_batches,
+            on_epoch=lambda row: tracker.log_metrics(
+                {
+                    "finetune.train_loss": row["train_loss"],
+                    "finetune.val_accuracy": row["val_accuracy"],
+                },
+                step=row["epoch"],
+            ),
         )
 
-    with timer("measure"):
+    with tracker.stage("measure"):
         measurements = measure(
             base.model,
             baseline_quality,
@@ -180,7 +172,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         export_onnx(tuned.model, input_shape, model_dir / "model.onnx")
 
     record = measurements | {
-        "stages": timer.seconds,
+        "stages": tracker.stage_seconds,
+        "resources": tracker.stage_summaries,
         "baseline_source": base.source,
         "baseline_history": base.history,
         "finetune_history": tuned.history,
@@ -191,5 +184,42 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
     write_json(record, run_dir / "measurements.json")
+    log_outcome(tracker, record, run_dir)
     print(summary_table(record))
     return record
+
+
+def log_outcome(tracker: Tracker, record: dict, run_dir: Path) -> None:
+    """Metrics, curves and files of a finished run, for side-by-side comparison in MLflow."""
+    metrics = {f"reduction.{key}_pct": value for key, value in record["reduction_pct"].items()}
+    metrics["accuracy_drop_points"] = record["accuracy_drop_points"]
+    for side in ("baseline", "pruned"):
+        report = record[side]
+        metrics |= {f"{side}.{key}": report[key] for key in SCALAR_METRICS}
+        metrics[f"{side}.latency_p50_ms"] = report["latency_ms"]["p50"]
+        metrics[f"{side}.latency_p90_ms"] = report["latency_ms"]["p90"]
+    tracker.log_metrics(metrics)
+    for row in record["baseline_history"]:
+        tracker.log_metrics(
+            {
+                "baseline_train.train_loss": row["train_loss"],
+                "baseline_train.val_accuracy": row["val_accuracy"],
+            },
+            step=row["epoch"],
+        )
+    if not tracker.enabled:
+        return
+    OmegaConf.save(OmegaConf.create(record["config"]), run_dir / "config.yaml")
+    curves = training_curves(
+        {"baseline": record["baseline_history"], "finetune": record["finetune_history"]},
+        run_dir / "training_curves.png",
+    )
+    usage = resource_usage(tracker.sampler.samples, run_dir / "resource_usage.png")
+    for path in (run_dir / "config.yaml", run_dir / "measurements.json", curves, usage):
+        if path is not None:
+            tracker.log_artifact(path)
+    tracker.log_artifact(run_dir / "pruned_model", "pruned_model")
+    tracker.log_artifact(run_dir / "masks.safetensors")
+
+
+SCALAR_METRICS = ("accuracy", "top5", "loss", "params", "macs", "size_bytes", "throughput")

@@ -1,0 +1,167 @@
+"""What both benchmarks share: the two reference models, random data, the pruner settings and
+the two ways of pruning (the project's stage functions and the plain NNI call sequence)."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from pipeline.models import mobilenet_v2
+from pipeline.schema import PrunerSchema
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+SEED = 1234
+# Input size -> number of classes: 224 is the reference (Oxford-IIIT Pet) model, 32 the
+# small-input model the digits default runs.
+NUM_CLASSES = {224: 37, 32: 10}
+LOADER_BATCH = 8
+
+
+def seed_everything(seed: int = SEED) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def input_shape(size: int) -> tuple[int, int, int]:
+    return (3, size, size)
+
+
+def build_model(size: int, seed: int = SEED) -> nn.Module:
+    """The unpruned MobileNetV2 for `size`, randomly initialised from `seed`."""
+    if size not in NUM_CLASSES:
+        raise ValueError(f"size {size}: allowed sizes are {sorted(NUM_CLASSES)}")
+    seed_everything(seed)
+    return mobilenet_v2(num_classes=NUM_CLASSES[size])
+
+
+def random_loader(size: int, steps: int, seed: int = SEED) -> DataLoader:
+    """Exactly `steps` batches of random images and labels, in a fixed order (no shuffling), so
+    every consumer sees the same batches."""
+    generator = torch.Generator().manual_seed(seed)
+    count = steps * LOADER_BATCH
+    images = torch.randn(count, *input_shape(size), generator=generator)
+    labels = torch.randint(0, NUM_CLASSES[size], (count,), generator=generator)
+    return DataLoader(TensorDataset(images, labels), batch_size=LOADER_BATCH, shuffle=False)
+
+
+def pruner_settings(training_steps: int = 5) -> PrunerSchema:
+    """The pruner section of the project's config, composed by Hydra from conf/ and validated
+    by the project, with every value the benchmarks depend on pinned by an override."""
+    from hydra import compose, initialize_config_dir
+
+    from pipeline.run import load_settings
+
+    overrides = [
+        "pruner=mean_rank",
+        "pruner.mode=dependency_aware",
+        "pruner.activation=relu",
+        f"pruner.training_steps={training_steps}",
+        "pruner.lr=0.001",
+        "pruner.config_list=null",
+        "pruner.exclude_last_layer=true",
+        "pruner.confidence=8",
+        "pruner.pruning_on_cuda=false",
+    ]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    return load_settings(cfg).pruner
+
+
+Masks = dict[str, dict[str, torch.Tensor]]
+
+
+def project_prune(
+    model: nn.Module, size: int, sparsity: float, settings: PrunerSchema
+) -> tuple[nn.Module, Masks]:
+    """Stage 2 as the pipeline runs it, on the CPU; returns the masked model and the masks."""
+    from pipeline.stages.prune import prune
+
+    seed_everything()
+    result = prune(
+        model,
+        settings,
+        sparsity,
+        random_loader(size, settings.training_steps),
+        nn.CrossEntropyLoss(),
+        torch.device("cpu"),
+        input_shape(size),
+    )
+    return result.model, result.masks
+
+
+def project_speedup(model: nn.Module, masks: Masks, size: int, settings: PrunerSchema) -> nn.Module:
+    from pipeline.stages.speedup import speedup
+
+    seed_everything()
+    return speedup(model, masks, input_shape(size), settings.confidence)
+
+
+def plain_prune(
+    model: nn.Module, size: int, sparsity: float, training_steps: int, lr: float = 1e-3
+) -> tuple[nn.Module, Masks]:
+    """The NNI 2.10.1 call sequence a user would write without the pipeline."""
+    import nni
+    from nni.algorithms.compression.v2.pytorch import TorchEvaluator
+    from nni.compression.pytorch.pruning import ActivationMeanRankPruner
+
+    loader = random_loader(size, training_steps)
+
+    def training_func(
+        model, optimizers, criterion, lr_schedulers=None, max_steps=None, max_epochs=None
+    ):
+        optimizer = optimizers[0] if isinstance(optimizers, (list, tuple)) else optimizers
+        model.train()
+        done = 0
+        while True:
+            for images, labels in loader:
+                optimizer.zero_grad()
+                criterion(model(images), labels).backward()
+                optimizer.step()
+                done += 1
+                if max_steps is not None and done >= max_steps:
+                    return
+            if max_steps is None:
+                return
+
+    seed_everything()
+    # Same order of random draws as the project's prune(), so both end with the same weights.
+    dummy_input = torch.rand(8, *input_shape(size))
+    last_linear = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
+    config_list = [
+        {"total_sparsity": sparsity, "op_types": ["Conv2d", "Linear"]},
+        {"exclude": True, "op_names": [last_linear]},
+    ]
+    optimizer = nni.trace(torch.optim.Adam)(model.parameters(), lr=lr)
+    evaluator = TorchEvaluator(
+        training_func, optimizer, nn.CrossEntropyLoss(), dummy_input=dummy_input
+    )
+    pruner = ActivationMeanRankPruner(
+        model,
+        config_list,
+        evaluator,
+        training_steps=training_steps,
+        mode="dependency_aware",
+        dummy_input=dummy_input,
+    )
+    _, masks = pruner.compress()
+    pruner._unwrap_model()
+    return model, masks
+
+
+def plain_speedup(model: nn.Module, masks: Masks, size: int) -> nn.Module:
+    from nni.compression.pytorch.speedup import ModelSpeedup
+
+    seed_everything()
+    ModelSpeedup(model, torch.rand(8, *input_shape(size)), masks).speedup_model()
+    return model
+
+
+def architecture(model: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, shape) of every parameter: equal lists mean equal pruned architectures."""
+    return [(name, tuple(p.shape)) for name, p in model.named_parameters()]

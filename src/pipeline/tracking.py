@@ -1,0 +1,322 @@
+"""The one place that talks to MLflow: runs, params, tags, metrics, artifacts and sweep parents.
+
+A run is tracked from before validation to the end, so bad input and crashes leave a FAILED run
+(with the error as a tag) and Ctrl-C a KILLED one; a run never stays RUNNING.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import json
+import logging
+import os
+import platform
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.resources import ResourceSampler, Sample
+
+log = logging.getLogger(__name__)
+PARENT_RUN_ENV = "PIPELINE_MLFLOW_PARENT_RUN_ID"
+MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
+ERROR_TAG_LENGTH = 5000
+# The user's own setting, read once: mlflow.set_tracking_uri() writes this variable too, so a later
+# read in the same process (the next job of a sweep) would see our own earlier choice instead.
+USER_TRACKING_URI = os.environ.get("MLFLOW_TRACKING_URI")
+
+
+def tracking_uri(uri: str | None, output_root: str | Path) -> str:
+    """An explicit tracking.uri, else $MLFLOW_TRACKING_URI, else a SQLite store under outputs/."""
+    if uri:
+        return uri
+    if USER_TRACKING_URI:
+        return USER_TRACKING_URI
+    return f"sqlite:///{Path(output_root).resolve() / 'mlflow.db'}"
+
+
+def _is_local(uri: str) -> bool:
+    return uri.startswith(("sqlite:", "file:")) or "://" not in uri
+
+
+def experiment_id(client, name: str, output_root: str | Path) -> str:
+    """Get or create the experiment; local stores keep artifacts beside the database."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = None
+    if _is_local(client.tracking_uri):
+        location = (Path(output_root).resolve() / "mlartifacts").as_uri()
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except Exception:  # created by a concurrent job in the meantime
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
+    """Nested config -> {"pruner.mode": "dependency_aware", ...}; lists become JSON."""
+    if isinstance(tree, dict):
+        flat: dict[str, str] = {}
+        for key, value in tree.items():
+            flat |= flatten(value, f"{prefix}{key}.")
+        return flat
+    value = json.dumps(tree) if isinstance(tree, (list, tuple)) else str(tree)
+    return {prefix.rstrip("."): value[:MAX_PARAM_LENGTH]}
+
+
+def environment_tags() -> dict[str, str]:
+    import torchvision
+
+    tags = {
+        "host": socket.gethostname(),
+        "cpu": _cpu_model(),
+        "torch_version": torch.__version__,
+        "torchvision_version": torchvision.__version__,
+        "python_version": platform.python_version(),
+    }
+    try:
+        from importlib.metadata import version
+
+        tags["nni_version"] = version("nni")
+    except Exception:
+        tags["nni_version"] = "not installed"
+    if torch.cuda.is_available():
+        tags["gpu"] = torch.cuda.get_device_name(0)
+    commit = _git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+        tags["git_commit"] = commit
+    return tags
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
+
+
+def one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"[:ERROR_TAG_LENGTH]
+
+
+class Tracker:
+    """Stage timing always; MLflow logging when tracking.enabled."""
+
+    def __init__(self, settings: DictConfig | dict, output_root: str | Path) -> None:
+        self.settings = dict(settings)
+        self.enabled = bool(self.settings.get("enabled", False))
+        self.output_root = Path(output_root)
+        self.stage_seconds: dict[str, dict[str, float]] = {}
+        self.stage_summaries: dict[str, dict[str, float]] = {}
+        self.sampler: ResourceSampler | None = None
+        self.run_id: str | None = None
+        self._client = None
+        self._sample_step = 0
+        self._log_file: Path | None = None
+
+    # -- run lifetime -------------------------------------------------------------------------
+    def start(
+        self, cfg: DictConfig, run_name: str | None = None, log_file: Path | None = None
+    ) -> None:
+        if not self.enabled:
+            return
+        self._log_file = log_file
+        import mlflow
+        from mlflow import MlflowClient
+
+        uri = tracking_uri(self.settings.get("uri"), self.output_root)
+        mlflow.set_tracking_uri(uri)
+        self._client = MlflowClient(uri)
+        exp_id = experiment_id(self._client, self.settings["experiment"], self.output_root)
+        tags = environment_tags()
+        parent = os.environ.get(PARENT_RUN_ENV)
+        if parent:
+            tags["mlflow.parentRunId"] = parent
+        system_metrics = bool(self.settings.get("system_metrics", True))
+        if system_metrics:
+            mlflow.set_system_metrics_sampling_interval(self.settings["sample_interval_s"])
+            mlflow.set_system_metrics_samples_before_logging(1)
+        run = mlflow.start_run(
+            experiment_id=exp_id, run_name=run_name, tags=tags, log_system_metrics=system_metrics
+        )
+        self.run_id = run.info.run_id
+        self.log_params(flatten(OmegaConf.to_container(cfg, resolve=False)))
+        self.sampler = ResourceSampler(
+            interval=float(self.settings["sample_interval_s"]), on_sample=self._log_sample
+        ).start()
+
+    def finish(self, status: str = "FINISHED", error: BaseException | None = None) -> None:
+        if not self.enabled or self.run_id is None:
+            return
+        import mlflow
+
+        if self.sampler is not None:
+            self.sampler.stop()
+        if error is not None:
+            self._client.set_tag(self.run_id, "error", one_line(error))
+        if self._log_file is not None:
+            with contextlib.suppress(Exception):  # a missing log must not hide the run's status
+                self.log_artifact(self._log_file)
+        mlflow.end_run(status=status)
+        self.run_id = None
+
+    # -- logging ------------------------------------------------------------------------------
+    def log_params(self, params: dict[str, str]) -> None:
+        if not self.enabled:
+            return
+        from mlflow.entities import Param
+
+        items = [Param(k, v) for k, v in params.items()]
+        for start in range(0, len(items), 100):  # MLflow takes at most 100 params a batch
+            self._client.log_batch(self.run_id, params=items[start : start + 100])
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        if self.enabled:
+            for key, value in tags.items():
+                self._client.set_tag(self.run_id, key, value)
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        if not self.enabled:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [
+            Metric(key, float(value), now, step or 0)
+            for key, value in metrics.items()
+            if value is not None
+        ]
+        for start in range(0, len(batch), 1000):
+            self._client.log_batch(self.run_id, metrics=batch[start : start + 1000])
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        if not self.enabled or not Path(path).exists():
+            return
+        if Path(path).is_dir():
+            self._client.log_artifacts(self.run_id, str(path), artifact_path)
+        else:
+            self._client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def _log_sample(self, sample: Sample) -> None:
+        from mlflow.entities import Metric
+
+        stamp = int(sample.time * 1000)
+        step = self._sample_step
+        self._sample_step += 1
+        # NVML readings feed the stage summaries only: MLflow's system metrics chart them already.
+        metrics = [
+            Metric(f"resource.{key}", value, stamp, step)
+            for key, value in sample.values.items()
+            if not key.startswith("gpu_")
+        ]
+        with contextlib.suppress(Exception):  # a lost sample must never stop a run
+            self._client.log_batch(self.run_id, metrics=metrics, synchronous=False)
+
+    # -- stages -------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        """Time a stage; when tracking, tag its status and log its duration and resource use."""
+        log.info("stage %s: start", name)
+        self.set_tags({f"stage.{name}": "running"})
+        if self.sampler is not None:
+            self.sampler.begin_stage(name)
+        began = time.perf_counter()
+        status = "failed"
+        try:
+            yield
+            status = "finished"
+        finally:
+            seconds = time.perf_counter() - began
+            self.stage_seconds[name] = {"seconds": seconds}
+            log.info("stage %s: %s after %.1f s", name, status, seconds)
+            summary = self.sampler.end_stage() if self.sampler is not None else {}
+            self.stage_summaries[name] = summary
+            self.set_tags({f"stage.{name}": status})
+            self.log_metrics(
+                {f"stage.{name}.seconds": seconds}
+                | {f"stage.{name}.{key}": value for key, value in summary.items()}
+            )
+
+
+@contextlib.contextmanager
+def tracked_run(
+    cfg: DictConfig, run_name: str | None = None, log_file: Path | None = None
+) -> Iterator[Tracker]:
+    """Start a Tracker for `cfg` and end its run FINISHED, FAILED (error tag) or KILLED."""
+    tracker = Tracker(cfg.get("tracking") or {}, cfg.paths.output_root)
+    tracker.start(cfg, run_name, log_file)
+    try:
+        yield tracker
+    except KeyboardInterrupt as error:
+        tracker.finish("KILLED", error)
+        raise
+    except BaseException as error:
+        tracker.finish("FAILED", error)
+        raise
+    else:
+        tracker.finish("FINISHED")
+
+
+class SweepParentRun(Callback):
+    """Hydra callback: one MLflow parent run per multirun; each job's run becomes its child."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        tracking = config.get("tracking") or {}
+        if not tracking.get("enabled", False):
+            return
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracking_uri(tracking.get("uri"), config.paths.output_root))
+        exp_id = experiment_id(client, tracking["experiment"], config.paths.output_root)
+        overrides = list(config.hydra.overrides.task)
+        run = client.create_run(
+            exp_id,
+            run_name=f"sweep {time.strftime('%Y-%m-%d %H:%M:%S')}",
+            tags=environment_tags() | {"sweep": "true", "sweep.dir": str(config.hydra.sweep.dir)},
+        )
+        client.log_param(run.info.run_id, "sweep.overrides", " ".join(overrides)[:MAX_PARAM_LENGTH])
+        os.environ[PARENT_RUN_ENV] = run.info.run_id
+        self._client = client
+        # A job error aborts Hydra's sweep before on_multirun_end: never leave the parent RUNNING.
+        atexit.register(self._close)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        self._close()
+
+    def _close(self) -> None:
+        run_id = os.environ.pop(PARENT_RUN_ENV, None)
+        if run_id is None or not hasattr(self, "_client"):
+            return
+        children = self._client.search_runs(
+            [self._client.get_run(run_id).info.experiment_id],
+            filter_string=f"tags.mlflow.parentRunId = '{run_id}'",
+        )
+        failed = [c for c in children if c.info.status != "FINISHED"]
+        self._client.set_tag(run_id, "sweep.jobs", str(len(children)))
+        self._client.set_tag(run_id, "sweep.failed_jobs", str(len(failed)))
+        self._client.set_terminated(run_id, "FAILED" if failed else "FINISHED")

@@ -1,0 +1,263 @@
+"""MLflow tracking: sweeps with parent and child runs, failures, the server and the UI."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from mlflow import MlflowClient
+
+from conftest import ROOT, TINY, run_cli
+from pipeline.tracking import tracked_run
+
+EXPERIMENT = "pruning"
+
+
+def store_uri(output_root: Path) -> str:
+    return f"sqlite:///{output_root / 'mlflow.db'}"
+
+
+@pytest.fixture(scope="module")
+def sweep_store(tmp_path_factory) -> Path:
+    """One tiny two-job sweep on the default store, shared by the tests that read it."""
+    output_root = tmp_path_factory.mktemp("sweep")
+    result = run_cli(
+        "-m", "sparsity=0.05,0.15", *TINY, f"paths.output_root={output_root}", cwd=ROOT
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return output_root
+
+
+def test_sweep_gives_a_parent_and_finished_children(sweep_store):
+    mlflow.set_tracking_uri(store_uri(sweep_store))
+    runs = mlflow.search_runs(experiment_names=[EXPERIMENT])
+    parents = runs[runs["tags.sweep"] == "true"]
+    children = runs[runs["tags.mlflow.parentRunId"].notna()]
+    assert len(parents) == 1 and len(children) == 2
+    parent = parents.iloc[0]
+    assert parent["status"] == "FINISHED"
+    assert "sparsity=0.05,0.15" in parent["params.sweep.overrides"]
+    assert set(children["tags.mlflow.parentRunId"]) == {parent["run_id"]}
+    assert set(children["status"]) == {"FINISHED"}
+    assert sorted(children["params.sparsity"]) == ["0.05", "0.15"]
+    assert set(children["params.pruner.type"]) == {"mean_rank"}
+    for metric in ("pruned.accuracy", "pruned.params", "pruned.latency_p50_ms"):
+        assert children[f"metrics.{metric}"].notna().all(), metric
+    # A sparser model has fewer parameters.
+    by_sparsity = children.set_index("params.sparsity")["metrics.pruned.params"]
+    assert by_sparsity["0.15"] < by_sparsity["0.05"]
+
+    client = MlflowClient(store_uri(sweep_store))
+    for run_id in children["run_id"]:
+        for series in ("resource.process_cpu_percent", "system/cpu_utilization_percentage"):
+            points = client.get_metric_history(run_id, series)
+            assert len(points) > 1, f"{series} has {len(points)} point(s)"
+        curve = client.get_metric_history(run_id, "finetune.val_accuracy")
+        assert [p.step for p in curve] == [1]
+        artifacts = {a.path for a in client.list_artifacts(run_id)}
+        assert {"config.yaml", "measurements.json", "pruned_model", "__main__.log"} <= artifacts
+        assert {"training_curves.png", "resource_usage.png"} <= artifacts
+        tags = client.get_run(run_id).data.tags
+        assert tags["stage.measure"] == "finished"
+        assert tags["torch_version"] and tags["nni_version"] == "2.10.1" and tags["host"]
+
+
+def test_a_stage_that_raises_leaves_a_failed_run_with_the_error(tiny_config, tmp_path, monkeypatch):
+    import pipeline.run as pipeline_run
+
+    def broken_speedup(*args, **kwargs):
+        raise RuntimeError("speedup exploded")
+
+    monkeypatch.setattr(pipeline_run, "speedup", broken_speedup)
+    cfg = tiny_config()
+    with pytest.raises(RuntimeError), tracked_run(cfg, "broken") as tracker:
+        pipeline_run.run(cfg, tmp_path / "run", tracker)
+
+    run = only_run(Path(cfg.paths.output_root))
+    assert run.info.status == "FAILED"
+    assert run.data.tags["error"] == "RuntimeError: speedup exploded"
+    assert run.data.tags["stage.prune"] == "finished"
+    assert run.data.tags["stage.speedup"] == "failed"
+    assert not (tmp_path / "run" / "measurements.json").exists()
+
+
+def test_interrupt_ends_the_run_killed(tiny_config):
+    cfg = tiny_config()
+    with pytest.raises(KeyboardInterrupt), tracked_run(cfg, "interrupted"):
+        raise KeyboardInterrupt
+    assert only_run(Path(cfg.paths.output_root)).info.status == "KILLED"
+
+
+def test_bad_input_leaves_a_failed_run(tmp_path):
+    result = run_cli("pruner.activation=tanh", f"paths.output_root={tmp_path}", cwd=ROOT)
+    assert result.returncode == 2
+    run = only_run(tmp_path)
+    assert run.info.status == "FAILED"
+    assert "pruner.activation='tanh' is not allowed" in run.data.tags["error"]
+
+
+def test_unknown_group_choice_leaves_a_failed_run(tmp_path):
+    result = run_cli("pruner=magnitude", f"paths.output_root={tmp_path}", cwd=ROOT)
+    assert result.returncode == 2
+    run = only_run(tmp_path)
+    assert run.info.status == "FAILED"
+    assert "pruner='magnitude' is not allowed" in run.data.tags["error"]
+
+
+def test_tracking_none_writes_no_store(tiny_config, tmp_path):
+    cfg = tiny_config("tracking=none")
+    with tracked_run(cfg) as tracker:
+        assert not tracker.enabled
+    assert not (Path(cfg.paths.output_root) / "mlflow.db").exists()
+
+
+def only_run(output_root: Path):
+    client = MlflowClient(store_uri(output_root))
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    (run,) = client.search_runs([experiment.experiment_id])
+    return run
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(sweep_store):
+    """`mlflow server` on loopback over the sweep's store; stopped after the tests."""
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--backend-store-uri",
+            store_uri(sweep_store),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as answer:
+                    if answer.status == 200:
+                        break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("mlflow server did not start") from None
+                time.sleep(0.5)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def api(url: str, path: str, body: dict) -> dict:
+    request = urllib.request.Request(
+        f"{url}/api/2.0/mlflow/{path}",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        return json.load(answer)
+
+
+def test_server_rest_api_lists_the_sweep(mlflow_server):
+    experiment = api(mlflow_server, "experiments/search", {"max_results": 10})["experiments"]
+    (pruning,) = [e for e in experiment if e["name"] == EXPERIMENT]
+    runs = api(mlflow_server, "runs/search", {"experiment_ids": [pruning["experiment_id"]]})["runs"]
+    assert len(runs) == 3
+    statuses = sorted(run["info"]["status"] for run in runs)
+    assert statuses == ["FINISHED"] * 3
+    names = {run["info"]["run_name"] for run in runs}
+    assert {"mean_rank sparsity=0.05", "mean_rank sparsity=0.15"} <= names
+
+
+def chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(
+    chromium() is None or shutil.which("chromedriver") is None,
+    reason="Debian's chromium and chromium-driver are not installed (.ci/run installs them)",
+)
+def test_experiment_page_lists_the_runs_in_a_browser(mlflow_server):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+
+    experiments = api(mlflow_server, "experiments/search", {"max_results": 10})["experiments"]
+    (pruning,) = [e for e in experiments if e["name"] == EXPERIMENT]
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium()
+    for flag in (
+        "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        "--no-first-run", "--disable-quic",
+    ):  # fmt: skip
+        options.add_argument(flag)
+    # Debian's driver, named explicitly so that Selenium never tries to download one.
+    browser = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+    try:
+        browser.set_window_size(1600, 1000)
+        browser.get(f"{mlflow_server}/#/experiments/{pruning['experiment_id']}/runs")
+        wait_for(lambda: "sweep " in browser.page_source, "the sweep's parent run")
+        # Child runs sit folded under their parent: unfold it as a user would.
+        for button in browser.find_elements(
+            By.CSS_SELECTOR, "button[data-component-id*='runnamecellrenderer']"
+        ):
+            button.click()
+        for name in ("mean_rank sparsity=0.05", "mean_rank sparsity=0.15"):
+            wait_for(lambda name=name: name in browser.page_source, name)
+    finally:
+        browser.quit()
+
+
+def wait_for(condition, what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the MLflow UI did not show {what} within {timeout:.0f} s")
+        time.sleep(0.5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_run_logs_gpu_utilisation_and_memory_series(tiny_config, tmp_path):
+    import pipeline.run as pipeline_run
+
+    cfg = tiny_config("device=cuda", "pruner.pruning_on_cuda=true")
+    with tracked_run(cfg, "gpu") as tracker:
+        record = pipeline_run.run(cfg, tmp_path / "run", tracker)
+    assert record["device"] == "cuda" and record["pruning"]["device"] == "cuda"
+    run = only_run(Path(cfg.paths.output_root))
+    client = MlflowClient(store_uri(Path(cfg.paths.output_root)))
+    for series in (
+        "system/gpu_0_utilization_percentage",
+        "system/gpu_0_memory_usage_megabytes",
+        "resource.torch_cuda_allocated_mb",
+    ):
+        assert len(client.get_metric_history(run.info.run_id, series)) > 1, series
+    assert run.data.metrics["stage.finetune.torch_cuda_peak_mb"] > 0
+    assert run.data.metrics["stage.finetune.peak_gpu_memory_mb"] > 0
