@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from pipeline.models import mobilenet_v2
-from pipeline.schema import PrunerSchema
+from pipeline.schema import PrunerSchema, RunSchema
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 SEED = 1234
@@ -50,13 +50,20 @@ def random_loader(size: int, steps: int, seed: int = SEED) -> DataLoader:
     return DataLoader(TensorDataset(images, labels), batch_size=LOADER_BATCH, shuffle=False)
 
 
-def pruner_settings(training_steps: int = 5) -> PrunerSchema:
-    """The pruner section of the project's config, composed by Hydra from conf/ and validated
-    by the project, with every value the benchmarks depend on pinned by an override."""
+def project_settings(overrides: list[str]) -> RunSchema:
+    """The project's validated settings, composed by Hydra from conf/ with `overrides`."""
     from hydra import compose, initialize_config_dir
 
     from pipeline.run import load_settings
 
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    return load_settings(cfg)
+
+
+def pruner_settings(training_steps: int = 5, round_to: str = "default") -> PrunerSchema:
+    """The pruner section of the project's config, with every value the benchmarks depend on
+    pinned by an override. `round_to`: "default" keeps the project's default, else N or "null"."""
     overrides = [
         "pruner=mean_rank",
         "pruner.mode=dependency_aware",
@@ -68,9 +75,9 @@ def pruner_settings(training_steps: int = 5) -> PrunerSchema:
         "pruner.confidence=8",
         "pruner.pruning_on_cuda=false",
     ]
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
-    return load_settings(cfg).pruner
+    if round_to != "default":
+        overrides.append(f"pruner.round_to={round_to}")
+    return project_settings(overrides).pruner
 
 
 Masks = dict[str, dict[str, torch.Tensor]]

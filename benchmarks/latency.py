@@ -23,6 +23,7 @@ from pathlib import Path
 import _common as common
 import torch
 
+from pipeline.inference import inference_model
 from pipeline.latency import LatencyStats, measure_latency
 from pipeline.model_stats import count_macs, count_params
 
@@ -62,6 +63,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--devices", nargs="+", default=["cpu", "cuda"], choices=["cpu", "cuda"])
     parser.add_argument("--training-steps", type=int, default=5)
+    parser.add_argument(
+        "--round-to",
+        default="default",
+        help='pruner.round_to: "default" (the project default), "null" (NNI\'s own counts) or N',
+    )
+    parser.add_argument(
+        "--runtime", default=None, help="eager | jit_freeze (default: measure.runtime in conf/)"
+    )
+    parser.add_argument(
+        "--fold-bn", default=None, choices=["true", "false"], help="default: measure.fold_bn"
+    )
+    parser.add_argument(
+        "--channels-last",
+        default=None,
+        choices=["true", "false"],
+        help="default: measure.channels_last",
+    )
     parser.add_argument("--json", type=Path, default=None, help="write the raw rows here")
     return parser.parse_args(argv)
 
@@ -87,13 +105,36 @@ def time_pair(
         threads=args.threads,
     )
     shape = common.input_shape(size)
+    form = args.inference  # the measure stage's inference form, the same for both models
+    options["channels_last"] = form.channels_last
+    baseline, pruned = (
+        inference_model(m.to(device), shape, form.runtime.value, form.fold_bn, form.channels_last)
+        for m in (baseline, pruned)
+    )
     # The baseline is timed again right before each pruned model rather than once per size:
     # on a shared machine the load drifts, and the ratio should compare like with like.
     return measure_latency(baseline, shape, **options), measure_latency(pruned, shape, **options)
 
 
 def run(args: argparse.Namespace) -> list[Row]:
-    settings = common.pruner_settings(args.training_steps)
+    settings = common.pruner_settings(args.training_steps, args.round_to)
+    overrides = [
+        f"measure.{key}={value}"
+        for key, value in (
+            ("runtime", args.runtime),
+            ("fold_bn", args.fold_bn),
+            ("channels_last", args.channels_last),
+        )
+        if value is not None
+    ]
+    args.inference = common.project_settings(overrides).measure
+    form = args.inference
+    print(
+        f"# pruner.round_to {settings.round_to}; inference form: runtime {form.runtime.value}, "
+        f"fold_bn {form.fold_bn}, channels_last {form.channels_last}",
+        flush=True,
+    )
+    print(HEADER, flush=True)
     targets = devices(args.devices)
     rows: list[Row] = []
     for size in args.sizes:
@@ -177,7 +218,6 @@ def main(argv: list[str] | None = None) -> None:
         f"times in ms per call; load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs",
         flush=True,
     )
-    print(HEADER, flush=True)
     rows = run(args)
     # Other processes on the machine distort CPU timings the most: say how busy it was.
     print(f"# load average at the end {os.getloadavg()[0]:.2f}")

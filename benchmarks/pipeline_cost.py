@@ -62,7 +62,8 @@ def child(stage: str, impl: str, size: int, args: argparse.Namespace) -> dict:
         torch.set_num_threads(args.threads)
     # Both implementations load the settings, so both children import the same modules and
     # their fixed memory cost is the same; only the stage itself differs.
-    settings = common.pruner_settings(args.training_steps)
+    # NNI's own channel counts on both sides: the same pruning problem, solved two ways.
+    settings = common.pruner_settings(args.training_steps, round_to="null")
     model = common.build_model(size)
     saved = args.workdir / f"{impl}-{size}.pt"
     if stage == "speedup":

@@ -109,3 +109,54 @@ def test_last_layer_keeps_its_outputs(tiny_config, mode):
     pruned = speedup(result.model, result.masks, splits.input_shape, 8)
     assert pruned.classifier[-1].out_features == 10
     assert pruned.classifier[-1].in_features < 128
+
+
+def test_round_to_keeps_multiples_and_depthwise_follows(tiny_config):
+    settings = load_settings(tiny_config("pruner.round_to=16"))
+    splits = digits(10, 32, 0.1, 0.2, seed=0)
+    model = mobilenet_v2(num_classes=10)
+    original = {
+        n: m.out_channels for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)
+    }
+    loader = torch.utils.data.DataLoader(splits.train, batch_size=16)
+    result = prune(
+        model,
+        settings.pruner,
+        0.3,
+        loader,
+        torch.nn.CrossEntropyLoss(),
+        torch.device("cpu"),
+        splits.input_shape,
+    )
+    assert all("sparsity_per_layer" in e or e.get("exclude") for e in result.config_list)
+    pruned = speedup(result.model, result.masks, splits.input_shape, 8)
+    widths = {
+        n: m.out_channels for n, m in pruned.named_modules() if isinstance(m, torch.nn.Conv2d)
+    }
+    assert any(widths[n] < original[n] for n in widths), "nothing was pruned"
+    for name, width in widths.items():
+        assert width == original[name] or width % 16 == 0, f"{name}: {width} channels"
+
+
+def test_sparsity_too_small_to_round_prunes_nothing(tiny_config):
+    settings = load_settings(tiny_config("pruner.round_to=16"))
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 3),
+        torch.nn.ReLU(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(16 * 30 * 30, 4),
+    )
+    data = torch.utils.data.TensorDataset(
+        torch.randn(8, 3, 32, 32), torch.zeros(8, dtype=torch.long)
+    )
+    result = prune(
+        model,
+        settings.pruner,
+        0.05,
+        torch.utils.data.DataLoader(data, batch_size=4),
+        torch.nn.CrossEntropyLoss(),
+        torch.device("cpu"),
+        (3, 32, 32),
+    )
+    assert result.masks == {}
+    assert speedup(result.model, result.masks, (3, 32, 32), 8) is model

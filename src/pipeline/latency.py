@@ -63,10 +63,13 @@ def measure_latency(
     warmup: int = 10,
     repeats: int = 50,
     threads: int | None = None,
+    channels_last: bool = False,
 ) -> LatencyStats:
     """Time `repeats` forward passes of a random batch after `warmup` untimed ones."""
     model = model.eval().to(device)
     batch = torch.randn(batch_size, *input_shape, device=device)
+    if channels_last:
+        batch = batch.contiguous(memory_format=torch.channels_last)
     cuda = device.type == "cuda"
     times_ms: list[float] = []
     with cpu_threads(threads):

@@ -33,6 +33,11 @@ class Activation(str, Enum):
     gelu = "gelu"
 
 
+class Runtime(str, Enum):
+    eager = "eager"
+    jit_freeze = "jit_freeze"
+
+
 class DeviceChoice(str, Enum):
     auto = "auto"
     cpu = "cpu"
@@ -50,6 +55,7 @@ class PrunerSchema:
     exclude_last_layer: bool
     confidence: int
     pruning_on_cuda: bool
+    round_to: int | None
 
 
 @dataclass
@@ -79,6 +85,9 @@ class MeasureSchema:
     throughput_repeats: int
     threads: int | None
     onnx: bool
+    runtime: Runtime
+    fold_bn: bool
+    channels_last: bool
 
 
 @dataclass
@@ -102,6 +111,7 @@ _ALLOWED = {
     "pruner.mode": PruningMode,
     "pruner.activation": Activation,
     "device": DeviceChoice,
+    "measure.runtime": Runtime,
 }
 
 
@@ -132,6 +142,7 @@ def validate(cfg: DictConfig) -> None:
         ("sparsity", lambda v: number(v) and 0 < v < 1, "a number in (0, 1)"),
         ("pruner.confidence", lambda v: v > 1, "an integer > 1"),
         ("pruner.training_steps", lambda v: v >= 1, "an integer >= 1"),
+        ("pruner.round_to", lambda v: v is None or v >= 1, "null or an integer >= 1"),
         ("finetune.batch_size", lambda v: v >= 1, "an integer >= 1"),
         ("baseline.batch_size", lambda v: v >= 1, "an integer >= 1"),
         ("measure.repeats", lambda v: v >= 1, "an integer >= 1"),

@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
+from pipeline.inference import inference_model
 from pipeline.latency import measure_latency
 from pipeline.model_stats import count_macs, count_params, size_bytes
 from pipeline.schema import MeasureSchema
@@ -40,9 +41,18 @@ def speed(
     device: torch.device,
     settings: MeasureSchema,
 ) -> dict:
-    """Batch-1 latency percentiles and large-batch throughput on `device`."""
+    """Batch-1 latency percentiles and large-batch throughput on `device`, timed on the
+    inference form of the model (measure.runtime, measure.fold_bn, measure.channels_last)."""
+    model = inference_model(
+        model.to(device),
+        input_shape,
+        settings.runtime.value,
+        settings.fold_bn,
+        settings.channels_last,
+    )
+    timing = {"threads": settings.threads, "channels_last": settings.channels_last}
     single = measure_latency(
-        model, input_shape, device, 1, settings.warmup, settings.repeats, settings.threads
+        model, input_shape, device, 1, settings.warmup, settings.repeats, **timing
     )
     batched = measure_latency(
         model,
@@ -51,7 +61,7 @@ def speed(
         settings.throughput_batch_size,
         min(settings.warmup, 3),
         settings.throughput_repeats,
-        settings.threads,
+        **timing,
     )
     return {
         "latency_ms": {
@@ -62,6 +72,11 @@ def speed(
         },
         "throughput": batched.throughput,
         "latency_device": device.type,
+        "runtime": {
+            "name": settings.runtime.value,
+            "fold_bn": settings.fold_bn,
+            "channels_last": settings.channels_last,
+        },
         "threads": torch.get_num_threads() if settings.threads is None else settings.threads,
     }
 
