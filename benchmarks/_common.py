@@ -106,7 +106,7 @@ def project_speedup(model: nn.Module, masks: Masks, size: int, settings: PrunerS
     from pipeline.stages.speedup import speedup
 
     seed_everything()
-    return speedup(model, masks, input_shape(size), settings.confidence)
+    return speedup(model, masks, input_shape(size), settings.confidence, settings.trace_input_size)
 
 
 def plain_prune(

@@ -134,7 +134,13 @@ def run(cfg: DictConfig, run_dir: Path, tracker: Tracker | None = None) -> dict:
         save_masks(pruned.masks, run_dir / "masks.safetensors")
 
     with tracker.stage("speedup"):
-        pruned_model = speedup(pruned.model, pruned.masks, input_shape, settings.pruner.confidence)
+        pruned_model = speedup(
+            pruned.model,
+            pruned.masks,
+            input_shape,
+            settings.pruner.confidence,
+            settings.pruner.trace_input_size,
+        )
 
     with tracker.stage("finetune"):
         tuned = finetune(

@@ -56,6 +56,7 @@ class PrunerSchema:
     confidence: int
     pruning_on_cuda: bool
     round_to: int | None
+    trace_input_size: int | None
 
 
 @dataclass
@@ -143,6 +144,7 @@ def validate(cfg: DictConfig) -> None:
         ("pruner.confidence", lambda v: v > 1, "an integer > 1"),
         ("pruner.training_steps", lambda v: v >= 1, "an integer >= 1"),
         ("pruner.round_to", lambda v: v is None or v >= 1, "null or an integer >= 1"),
+        ("pruner.trace_input_size", lambda v: v is None or v >= 8, "null or an integer >= 8"),
         ("finetune.batch_size", lambda v: v >= 1, "an integer >= 1"),
         ("baseline.batch_size", lambda v: v >= 1, "an integer >= 1"),
         ("measure.repeats", lambda v: v >= 1, "an integer >= 1"),

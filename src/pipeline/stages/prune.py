@@ -152,7 +152,11 @@ def prune(
     if all(entry.get("exclude") for entry in config_list):
         # Rounding kept every channel (tiny sparsity, narrow layers): nothing to prune.
         return PruneResult(model, {}, config_list)
-    dummy_input = torch.rand(settings.confidence, *input_shape, device=device)
+    dummy_input = torch.rand(
+        settings.confidence,
+        *trace_shape(model, input_shape, settings.trace_input_size),
+        device=device,
+    )
     # NNI re-creates the optimizer for the wrapped model, so it must be traced.
     optimizer = nni.trace(torch.optim.Adam)(model.parameters(), lr=settings.lr)
     evaluator = TorchEvaluator(
@@ -170,6 +174,28 @@ def prune(
     _, masks = pruner.compress()
     pruner._unwrap_model()
     return PruneResult(model, masks, config_list)
+
+
+def trace_shape(
+    model: nn.Module, input_shape: tuple[int, int, int], trace_size: int | None
+) -> tuple[int, ...]:
+    """The shape of NNI's dummy inputs: channel masks and the dependencies between layers do not
+    depend on the spatial size, so a small one makes tracing and mask inference far cheaper.
+    A model that cannot run at the small size (a Flatten before a Linear) keeps the real one."""
+    channels, height, width = input_shape
+    if trace_size is None or trace_size >= max(height, width):
+        return input_shape
+    small = (channels, trace_size, trace_size)
+    device = next(model.parameters()).device
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(2, *small, device=device))
+    except RuntimeError:
+        return input_shape
+    finally:
+        model.train(was_training)
+    return small
 
 
 def save_masks(masks: Masks, path: Path) -> Path:
