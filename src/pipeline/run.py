@@ -151,6 +151,7 @@ def run(cfg: DictConfig, run_dir: Path, tracker: Tracker | None = None) -> dict:
             settings.finetune,
             device,
             max_batches,
+            teacher=base.model,
             on_epoch=lambda row: tracker.log_metrics(
                 {
                     "finetune.train_loss": row["train_loss"],

@@ -59,6 +59,17 @@ class PrunerSchema:
     trace_input_size: int | None
 
 
+class Schedule(str, Enum):
+    constant = "constant"
+    cosine = "cosine"
+
+
+@dataclass
+class DistillSchema:
+    alpha: float
+    temperature: float
+
+
 @dataclass
 class FinetuneSchema:
     epochs: int
@@ -66,6 +77,9 @@ class FinetuneSchema:
     lr: float
     criterion: Any
     optimizer: Any
+    schedule: Schedule
+    warmup_epochs: int
+    distill: DistillSchema | None
 
 
 @dataclass
@@ -113,6 +127,7 @@ _ALLOWED = {
     "pruner.activation": Activation,
     "device": DeviceChoice,
     "measure.runtime": Runtime,
+    "finetune.schedule": Schedule,
 }
 
 
@@ -149,6 +164,9 @@ def validate(cfg: DictConfig) -> None:
         ("baseline.batch_size", lambda v: v >= 1, "an integer >= 1"),
         ("measure.repeats", lambda v: v >= 1, "an integer >= 1"),
         ("finetune.epochs", lambda v: v >= 0, "an integer >= 0"),
+        ("finetune.warmup_epochs", lambda v: v >= 0, "an integer >= 0"),
+        ("finetune.distill.alpha", lambda v: v is None or 0 <= v <= 1, "a number in [0, 1]"),
+        ("finetune.distill.temperature", lambda v: v is None or v > 0, "a number > 0"),
         ("baseline.epochs", lambda v: v >= 0, "an integer >= 0"),
         ("measure.warmup", lambda v: v >= 0, "an integer >= 0"),
         ("dataset.val_fraction", lambda v: v is None or 0 <= v < 1, "a number in [0, 1)"),

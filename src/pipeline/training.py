@@ -11,6 +11,7 @@ from itertools import islice
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from tqdm import tqdm
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,27 @@ class FitResult:
     model: nn.Module  # holds the weights of best_epoch
     history: list[dict] = field(default_factory=list)  # {epoch, train_loss, val_accuracy, val_loss}
     best_epoch: int = 0  # 0: the starting weights were best (or no epoch ran)
+
+
+@dataclass
+class Distillation:
+    """Knowledge distillation from a teacher (the unpruned baseline): the loss mixes the task
+    loss with the KL divergence between softened teacher and student outputs (Hinton et al.)."""
+
+    teacher: nn.Module
+    alpha: float  # weight of the distillation term
+    temperature: float
+
+    def loss(self, criterion: Callable, logits, labels, images) -> torch.Tensor:
+        with torch.no_grad():
+            teacher_logits = self.teacher(images)
+        t = self.temperature
+        soft = F.kl_div(
+            F.log_softmax(logits / t, dim=1),
+            F.softmax(teacher_logits / t, dim=1),
+            reduction="batchmean",
+        )
+        return (1.0 - self.alpha) * criterion(logits, labels) + self.alpha * t * t * soft
 
 
 def batches(loader: Iterable, max_batches: int | None) -> Iterator:
@@ -57,15 +79,22 @@ def train_steps(
     device: torch.device,
     max_batches: int | None = None,
     desc: str = "train",
+    distillation: Distillation | None = None,
 ) -> float:
     """One pass over (at most max_batches of) the loader; returns the mean training loss."""
     model.train()
+    if distillation is not None:
+        distillation.teacher.eval()
     total_loss, seen = 0.0, 0
     bar = _progress(loader, max_batches, desc)
     for images, labels in bar:
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
-        loss = criterion(model(images), labels)
+        logits = model(images)
+        if distillation is None:
+            loss = criterion(logits, labels)
+        else:
+            loss = distillation.loss(criterion, logits, labels, images)
         loss.backward()
         optimizer.step()
         total_loss += loss.item() * len(labels)
@@ -112,6 +141,7 @@ def fit(
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     desc: str = "train",
     on_epoch: Callable[[dict], None] | None = None,
+    distillation: Distillation | None = None,
 ) -> FitResult:
     """Train for `epochs`, keeping the weights of the epoch with the best validation accuracy."""
     model.to(device)
@@ -122,7 +152,14 @@ def fit(
     epoch_bar = tqdm(range(1, epochs + 1), desc=desc, dynamic_ncols=True, disable=None)
     for epoch in epoch_bar:
         train_loss = train_steps(
-            model, train_loader, criterion, optimizer, device, max_batches, f"{desc} {epoch}"
+            model,
+            train_loader,
+            criterion,
+            optimizer,
+            device,
+            max_batches,
+            f"{desc} {epoch}",
+            distillation,
         )
         if scheduler is not None:
             scheduler.step()

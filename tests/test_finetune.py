@@ -1,0 +1,49 @@
+import torch
+
+from pipeline.stages.finetune import lr_schedule
+from pipeline.training import Distillation
+
+
+def test_distillation_with_alpha_zero_is_the_task_loss():
+    torch.manual_seed(0)
+    teacher = torch.nn.Linear(4, 3)
+    images, labels = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    logits = torch.randn(8, 3)
+    criterion = torch.nn.CrossEntropyLoss()
+    plain = Distillation(teacher, alpha=0.0, temperature=4.0)
+    torch.testing.assert_close(
+        plain.loss(criterion, logits, labels, images), criterion(logits, labels)
+    )
+
+
+def test_distillation_term_vanishes_when_student_matches_teacher():
+    teacher = torch.nn.Linear(4, 3)
+    images, labels = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    with torch.no_grad():
+        logits = teacher(images)
+    only_soft = Distillation(teacher, alpha=1.0, temperature=2.0)
+    assert only_soft.loss(torch.nn.CrossEntropyLoss(), logits, labels, images).item() < 1e-6
+
+
+def test_warmup_then_cosine_schedule():
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = lr_schedule(optimizer, epochs=5, schedule="cosine", warmup_epochs=1)
+    rates = []
+    for _ in range(5):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates[0] == 0.5  # warm-up
+    assert rates[1] == 1.0  # peak, then decaying
+    assert rates[1] > rates[2] > rates[3] > rates[4] > 0
+    assert lr_schedule(optimizer, 5, "constant", 0) is None
+
+
+def test_reference_recipe_composes_without_distillation(tiny_config):
+    from pipeline.run import load_settings
+
+    settings = load_settings(tiny_config("finetune=reference"))
+    assert settings.finetune.distill is None
+    assert settings.finetune.schedule == "constant"
+    default = load_settings(tiny_config())
+    assert default.finetune.distill.alpha == 0.5 and default.finetune.schedule == "cosine"
