@@ -5,10 +5,11 @@
 
 On Fashion-MNIST (Debian's dataset-fashion-mnist), one baseline is trained (and cached), then
 pruned at each sparsity twice:
-- reference: one-shot pruning with NNI's own channel counts (pruner.round_to=null) and the
-  reference fine-tuning recipe (finetune=reference: Adam, constant rate, cross-entropy);
-- default: the project's defaults (rounded channel counts, distillation from the baseline,
-  warm-up + cosine schedule).
+- reference: one-shot pruning as NNI does it (its own channel counts, pruner.round_to=null; its
+  own activation statistics, pruner.statistics=nni) and the reference fine-tuning recipe
+  (finetune=reference: Adam, constant rate, cross-entropy);
+- default: the project's defaults (rounded channel counts, statistics of the real activations,
+  distillation from the baseline, cosine schedule).
 Both get the same number of fine-tuning epochs. The table gives accuracy after fine-tuning,
 the accuracy points lost against the shared baseline, and params / MACs / latency ratios; the
 summary line gives, at sparsity 0.5, the default's loss as a fraction of the reference's.
@@ -28,7 +29,7 @@ from pipeline.run import run
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 RECIPES = {
-    "reference": ["finetune=reference", "pruner.round_to=null"],
+    "reference": ["finetune=reference", "pruner.round_to=null", "pruner.statistics=nni"],
     "default": [],
 }
 

@@ -52,6 +52,33 @@ def tiny_config(tmp_path):
     return lambda *overrides: make_config(tmp_path, *overrides)
 
 
+def prune_digits_model(pruner_settings, sparsity: float, seed: int = 0):
+    """Prune a freshly initialised digits MobileNetV2 with the project's prune stage.
+
+    The result's model has the original layer shapes with the pruned channels masked."""
+    import torch
+
+    from pipeline.data import digits
+    from pipeline.models import mobilenet_v2
+    from pipeline.stages.prune import prune
+
+    splits = digits(10, 32, 0.1, 0.2, seed=seed)
+    torch.manual_seed(seed)
+    loader = torch.utils.data.DataLoader(splits.train, batch_size=16)
+    return prune(
+        mobilenet_v2(num_classes=10),
+        pruner_settings,
+        sparsity,
+        loader,
+        torch.nn.CrossEntropyLoss(),
+        torch.device("cpu"),
+        splits.input_shape,
+    )
+
+
+DIGITS_SHAPE = (3, 32, 32)
+
+
 def run_cli(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run `python -m pipeline` as a user would, in `cwd`."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

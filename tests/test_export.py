@@ -3,11 +3,10 @@ import sys
 
 import torch
 
+from conftest import prune_digits_model
 from pipeline import load_pruned, save_pruned
-from pipeline.data import digits
 from pipeline.models import mobilenet_v2
 from pipeline.run import load_settings
-from pipeline.stages.prune import prune
 from pipeline.stages.speedup import speedup
 
 MODEL_CONFIG = {"_target_": "pipeline.models.mobilenet_v2", "num_classes": 10, "weights": "none"}
@@ -24,18 +23,8 @@ assert "nni" not in sys.modules, "load_pruned imported NNI"
 
 def test_pruned_model_reloads_in_a_fresh_process_with_the_same_outputs(tiny_config, tmp_path):
     settings = load_settings(tiny_config("sparsity=0.3"))
-    splits = digits(10, 32, 0.1, 0.2, seed=0)
-    loader = torch.utils.data.DataLoader(splits.train, batch_size=16)
-    result = prune(
-        mobilenet_v2(num_classes=10),
-        settings.pruner,
-        0.3,
-        loader,
-        torch.nn.CrossEntropyLoss(),
-        torch.device("cpu"),
-        splits.input_shape,
-    )
-    pruned = speedup(result.model, result.masks, splits.input_shape, 8).eval()
+    result = prune_digits_model(settings.pruner, 0.3)
+    pruned = speedup(result.model, result.masks, (3, 32, 32), 8).eval()
     directory = save_pruned(pruned, MODEL_CONFIG, tmp_path / "pruned_model")
 
     inputs = torch.randn(4, 3, 32, 32)

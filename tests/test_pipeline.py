@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from pipeline.data import digits
+from conftest import DIGITS_SHAPE, prune_digits_model
 from pipeline.model_stats import count_params
 from pipeline.models import mobilenet_v2
 from pipeline.run import load_settings, run
@@ -65,28 +65,14 @@ def test_user_config_list_replaces_the_default(tiny_config, tmp_path):
     assert record["pruned"]["params"] < record["baseline"]["params"]
 
 
-def _pruned_params(settings, sparsity, splits):
-    torch.manual_seed(0)
-    model = mobilenet_v2(num_classes=10)
-    loader = torch.utils.data.DataLoader(splits.train, batch_size=16)
-    result = prune(
-        model,
-        settings.pruner,
-        sparsity,
-        loader,
-        torch.nn.CrossEntropyLoss(),
-        torch.device("cpu"),
-        splits.input_shape,
-    )
-    pruned = speedup(result.model, result.masks, splits.input_shape, settings.pruner.confidence)
-    assert pruned(torch.zeros(2, *splits.input_shape)).shape == (2, 10)
-    return count_params(pruned)
-
-
 def test_pruned_parameters_fall_as_sparsity_rises(tiny_config):
     settings = load_settings(tiny_config())
-    splits = digits(10, 32, 0.1, 0.2, seed=0)
-    counts = [_pruned_params(settings, s, splits) for s in (0.05, 0.15, 0.5)]
+    counts = []
+    for sparsity in (0.05, 0.15, 0.5):
+        result = prune_digits_model(settings.pruner, sparsity)
+        pruned = speedup(result.model, result.masks, DIGITS_SHAPE, settings.pruner.confidence)
+        assert pruned(torch.zeros(2, *DIGITS_SHAPE)).shape == (2, 10)
+        counts.append(count_params(pruned))
     unpruned = count_params(mobilenet_v2(num_classes=10))
     assert unpruned > counts[0] > counts[1] > counts[2], counts
 
@@ -94,48 +80,25 @@ def test_pruned_parameters_fall_as_sparsity_rises(tiny_config):
 @pytest.mark.parametrize("mode", ["normal", "dependency_aware"])
 def test_last_layer_keeps_its_outputs(tiny_config, mode):
     settings = load_settings(tiny_config(f"pruner.mode={mode}"))
-    splits = digits(10, 32, 0.1, 0.2, seed=0)
-    model = mobilenet_v2(num_classes=10)
-    loader = torch.utils.data.DataLoader(splits.train, batch_size=16)
-    result = prune(
-        model,
-        settings.pruner,
-        0.5,
-        loader,
-        torch.nn.CrossEntropyLoss(),
-        torch.device("cpu"),
-        splits.input_shape,
-    )
-    pruned = speedup(result.model, result.masks, splits.input_shape, 8)
+    result = prune_digits_model(settings.pruner, 0.5)
+    pruned = speedup(result.model, result.masks, DIGITS_SHAPE, 8)
     assert pruned.classifier[-1].out_features == 10
     assert pruned.classifier[-1].in_features < 128
 
 
 def test_round_to_keeps_multiples_and_depthwise_follows(tiny_config):
     settings = load_settings(tiny_config("pruner.round_to=16"))
-    splits = digits(10, 32, 0.1, 0.2, seed=0)
-    torch.manual_seed(0)
-    model = mobilenet_v2(num_classes=10)
-    loader = torch.utils.data.DataLoader(splits.train, batch_size=16)
-    result = prune(
-        model,
-        settings.pruner,
-        0.3,
-        loader,
-        torch.nn.CrossEntropyLoss(),
-        torch.device("cpu"),
-        splits.input_shape,
-    )
+    result = prune_digits_model(settings.pruner, 0.3)
     assert all("sparsity_per_layer" in e or e.get("exclude") for e in result.config_list)
     assert result.masks, "nothing was pruned"
     for name, masks in result.masks.items():
-        module = model.get_submodule(name)
+        module = result.model.get_submodule(name)
         assert not (isinstance(module, torch.nn.Conv2d) and module.groups > 1), name
         rows = masks["weight"].flatten(1).abs().sum(dim=1) > 0
         kept, total = int(rows.sum()), rows.numel()
         assert kept == total or kept % 16 == 0, f"{name}: keeps {kept} of {total}"
-    pruned = speedup(result.model, result.masks, splits.input_shape, 8)
-    assert pruned(torch.zeros(2, *splits.input_shape)).shape == (2, 10)
+    pruned = speedup(result.model, result.masks, DIGITS_SHAPE, 8)
+    assert pruned(torch.zeros(2, *DIGITS_SHAPE)).shape == (2, 10)
 
 
 def test_sparsity_too_small_to_round_prunes_nothing(tiny_config):
@@ -160,3 +123,16 @@ def test_sparsity_too_small_to_round_prunes_nothing(tiny_config):
     )
     assert result.masks == {}
     assert speedup(result.model, result.masks, (3, 32, 32), 8) is model
+
+
+@pytest.mark.parametrize("statistics", ["activation", "nni"])
+def test_statistics_mode_decides_whether_pruning_trains_the_model(tiny_config, statistics):
+    settings = load_settings(tiny_config(f"pruner.statistics={statistics}"))
+    torch.manual_seed(0)
+    before = {k: v.clone() for k, v in mobilenet_v2(num_classes=10).state_dict().items()}
+    result = prune_digits_model(settings.pruner, 0.3)
+    after = result.model.state_dict()
+    unchanged = all(torch.equal(before[k], after[k]) for k in before)
+    # activation: forward passes only, on a BatchNorm-folded copy; nni: NNI's evaluator trains.
+    assert unchanged == (statistics == "activation")
+    assert result.masks

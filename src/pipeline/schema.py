@@ -38,6 +38,11 @@ class Runtime(str, Enum):
     jit_freeze = "jit_freeze"
 
 
+class Statistics(str, Enum):
+    activation = "activation"
+    nni = "nni"
+
+
 class DeviceChoice(str, Enum):
     auto = "auto"
     cpu = "cpu"
@@ -57,6 +62,7 @@ class PrunerSchema:
     pruning_on_cuda: bool
     round_to: int | None
     trace_input_size: int | None
+    statistics: Statistics
 
 
 class Schedule(str, Enum):
@@ -128,6 +134,7 @@ _ALLOWED = {
     "device": DeviceChoice,
     "measure.runtime": Runtime,
     "finetune.schedule": Schedule,
+    "pruner.statistics": Statistics,
 }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from collections.abc import Callable, Iterable
@@ -14,6 +15,7 @@ from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import DataLoader
 
+from pipeline.inference import fold_batchnorm
 from pipeline.schema import PrunerSchema
 from pipeline.training import train_steps
 
@@ -22,7 +24,7 @@ Masks = dict[str, dict[str, torch.Tensor]]
 
 @dataclass
 class PruneResult:
-    model: nn.Module  # original layer shapes, pruned channels zeroed, NNI wrappers removed
+    model: nn.Module  # original layer shapes, NNI wrappers removed; speedup removes the channels
     masks: Masks
     config_list: list[dict[str, Any]]
 
@@ -129,6 +131,26 @@ def nni_training_func(loader: DataLoader, device: torch.device) -> Callable:
     return training_func
 
 
+def observe_func(loader: DataLoader, device: torch.device, batches: int) -> Callable:
+    """A stand-in for NNI's training function that only looks: `batches` forward passes in eval
+    mode, no gradient, no optimizer step, whatever max_steps NNI asks for."""
+
+    @torch.no_grad()
+    def training_func(
+        model, optimizers, criterion, lr_schedulers=None, max_steps=None, max_epochs=None
+    ):
+        model.eval()
+        done = 0
+        while done < batches:  # a short loader is cycled
+            for images, _ in loader:
+                model(images.to(device))
+                done += 1
+                if done == batches:
+                    return
+
+    return training_func
+
+
 def prune(
     model: nn.Module,
     settings: PrunerSchema,
@@ -157,16 +179,29 @@ def prune(
         *trace_shape(model, input_shape, settings.trace_input_size),
         device=device,
     )
+    if settings.statistics == "activation":
+        # NNI hooks each layer's own output (a conv's is taken before its BatchNorm), applies
+        # `activation` itself, and stops adding once the *samples* seen reach training_steps,
+        # while its evaluator trains the model for training_steps *batches*. To rank channels
+        # by the activation the network really produces: rank on a copy with BatchNorm folded
+        # into the convolutions (so a conv's output is the BN output), feed it exactly
+        # training_steps batches forward-only in eval mode, and give NNI a sample budget that
+        # covers them all. Masks are keyed by layer name, so they apply to `model` unchanged.
+        target = fold_batchnorm(copy.deepcopy(model).eval())
+        batch_size = getattr(train_loader, "batch_size", None) or 1
+        nni_steps = settings.training_steps * batch_size
+        training_func = observe_func(train_loader, device, settings.training_steps)
+    else:
+        target, nni_steps = model, settings.training_steps
+        training_func = nni_training_func(train_loader, device)
     # NNI re-creates the optimizer for the wrapped model, so it must be traced.
-    optimizer = nni.trace(torch.optim.Adam)(model.parameters(), lr=settings.lr)
-    evaluator = TorchEvaluator(
-        nni_training_func(train_loader, device), optimizer, criterion, dummy_input=dummy_input
-    )
+    optimizer = nni.trace(torch.optim.Adam)(target.parameters(), lr=settings.lr)
+    evaluator = TorchEvaluator(training_func, optimizer, criterion, dummy_input=dummy_input)
     pruner = pruner_class[settings.type](
-        model,
+        target,
         config_list,
         evaluator,
-        training_steps=settings.training_steps,
+        training_steps=nni_steps,
         activation=settings.activation,
         mode=settings.mode,
         dummy_input=dummy_input,
