@@ -61,9 +61,12 @@ def project_settings(overrides: list[str]) -> RunSchema:
     return load_settings(cfg)
 
 
-def pruner_settings(training_steps: int = 5, round_to: str = "default") -> PrunerSchema:
+def pruner_settings(
+    training_steps: int = 5, round_to: str = "default", statistics: str = "default"
+) -> PrunerSchema:
     """The pruner section of the project's config, with every value the benchmarks depend on
-    pinned by an override. `round_to`: "default" keeps the project's default, else N or "null"."""
+    pinned by an override. `round_to` and `statistics`: "default" keeps the project's default,
+    anything else overrides it."""
     overrides = [
         "pruner=mean_rank",
         "pruner.mode=dependency_aware",
@@ -77,6 +80,8 @@ def pruner_settings(training_steps: int = 5, round_to: str = "default") -> Prune
     ]
     if round_to != "default":
         overrides.append(f"pruner.round_to={round_to}")
+    if statistics != "default":
+        overrides.append(f"pruner.statistics={statistics}")
     return project_settings(overrides).pruner
 
 

@@ -62,8 +62,10 @@ def child(stage: str, impl: str, size: int, args: argparse.Namespace) -> dict:
         torch.set_num_threads(args.threads)
     # Both implementations load the settings, so both children import the same modules and
     # their fixed memory cost is the same; only the stage itself differs.
-    # NNI's own channel counts on both sides: the same pruning problem, solved two ways.
-    settings = common.pruner_settings(args.training_steps, round_to="null")
+    # The same pruning problem on both sides, solved two ways: NNI's own channel counts and
+    # statistics (which channels NNI removes decides the widths where depthwise convs are
+    # pruned on their own, so other statistics would give another architecture).
+    settings = common.pruner_settings(args.training_steps, round_to="null", statistics="nni")
     model = common.build_model(size)
     saved = args.workdir / f"{impl}-{size}.pt"
     if stage == "speedup":
