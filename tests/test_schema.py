@@ -53,3 +53,14 @@ def test_unknown_group_choice_is_rejected_before_composition():
     with pytest.raises(ConfigError, match="dataset='mnist'"):
         check_group_choices(["-m", "dataset=digits,mnist"])
     check_group_choices(["pruner=apoz", "sparsity=0.3", "experiment=null"])
+
+
+@pytest.mark.parametrize("experiment", ["pets_reference", "fashion_mnist"])
+def test_experiment_presets_compose_and_validate(tiny_config, experiment):
+    settings = load_settings(tiny_config(f"experiment={experiment}"))
+    assert settings.dataset["num_classes"] in (10, 37)
+    if experiment == "pets_reference":
+        assert settings.dataset["split"] == "reference"
+        assert settings.model["weights"] == "imagenet"
+        assert settings.model["num_classes"] == 37
+        assert settings.baseline.lr == 0.01  # the preset wins over conf/config.yaml
