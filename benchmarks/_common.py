@@ -4,10 +4,12 @@ the two ways of pruning (the project's stage functions and the plain NNI call se
 from __future__ import annotations
 
 import random
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -50,15 +52,25 @@ def random_loader(size: int, steps: int, seed: int = SEED) -> DataLoader:
     return DataLoader(TensorDataset(images, labels), batch_size=LOADER_BATCH, shuffle=False)
 
 
-def project_settings(overrides: list[str]) -> RunSchema:
-    """The project's validated settings, composed by Hydra from conf/ with `overrides`."""
+def quiet_warnings() -> None:
+    """TorchScript tracing inside NNI warns on every call; the table is what matters here."""
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+
+
+def compose_config(overrides: list[str]) -> DictConfig:
+    """The project's config, composed by Hydra from conf/ with `overrides`."""
     from hydra import compose, initialize_config_dir
 
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+def project_settings(overrides: list[str]) -> RunSchema:
+    """The project's validated settings, composed from conf/ with `overrides`."""
     from pipeline.run import load_settings
 
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
-    return load_settings(cfg)
+    return load_settings(compose_config(overrides))
 
 
 def pruner_settings(

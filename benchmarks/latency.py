@@ -16,7 +16,6 @@ import json
 import os
 import sys
 import time
-import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -210,9 +209,7 @@ def summary(rows: list[Row]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    # TorchScript tracing inside NNI warns on every call; the table is what matters here.
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning)
+    common.quiet_warnings()
     print(
         f"# threads {args.threads}, warmup {args.warmup}, ratios are pruned / baseline, "
         f"times in ms per call; load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs",

@@ -50,14 +50,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def child(stage: str, impl: str, size: int, args: argparse.Namespace) -> dict:
     """Run one stage in this (fresh) process and return its wall time and memory."""
-    import warnings
-
     import _common as common
     import psutil
     import torch
 
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning)
+    common.quiet_warnings()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     # Both implementations load the settings, so both children import the same modules and

@@ -20,14 +20,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import warnings
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
+import _common as common
 
 from pipeline.run import run
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 RECIPES = {
     "reference": ["finetune=reference", "pruner.round_to=null", "pruner.statistics=nni"],
     "default": [],
@@ -59,9 +57,9 @@ def run_one(args: argparse.Namespace, sparsity: float, recipe: str) -> dict:
         *RECIPES[recipe],
         *args.overrides,
     ]
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides)
-    record = run(cfg, args.output_root / "runs" / f"{recipe}-{sparsity:g}")
+    record = run(
+        common.compose_config(overrides), args.output_root / "runs" / f"{recipe}-{sparsity:g}"
+    )
     base, pruned = record["baseline"], record["pruned"]
     return {
         "sparsity": sparsity,
@@ -105,8 +103,7 @@ def summary(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning)
+    common.quiet_warnings()
     rows = []
     for sparsity in args.sparsities:
         for recipe in RECIPES:
