@@ -50,6 +50,8 @@ def test_sweep_gives_a_parent_and_finished_children(sweep_store):
     assert set(children["status"]) == {"FINISHED"}
     assert sorted(children["params.sparsity"]) == ["0.05", "0.15"]
     assert set(children["params.pruner.type"]) == {"mean_rank"}
+    # Params hold resolved values, not interpolations.
+    assert set(children["params.model.num_classes"]) == {"10"}
     for metric in ("pruned.accuracy", "pruned.params", "pruned.latency_p50_ms"):
         assert children[f"metrics.{metric}"].notna().all(), metric
     # A sparser model has fewer parameters.

@@ -119,6 +119,15 @@ def _git_commit() -> str | None:
     return out.stdout.strip() or None
 
 
+def _resolved_or_raw(cfg: DictConfig) -> dict:
+    """The resolved config; a config that cannot be resolved (the run is about to fail on it)
+    is logged as written, so the FAILED run still shows what was asked for."""
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)
+    except Exception:
+        return OmegaConf.to_container(cfg, resolve=False)
+
+
 def one_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[0] if text else ''}"[:ERROR_TAG_LENGTH]
@@ -165,7 +174,7 @@ class Tracker:
             experiment_id=exp_id, run_name=run_name, tags=tags, log_system_metrics=system_metrics
         )
         self.run_id = run.info.run_id
-        self.log_params(flatten(OmegaConf.to_container(cfg, resolve=False)))
+        self.log_params(flatten(_resolved_or_raw(cfg)))
         self.sampler = ResourceSampler(
             interval=float(self.settings["sample_interval_s"]), on_sample=self._log_sample
         ).start()
