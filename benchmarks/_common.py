@@ -119,6 +119,26 @@ def project_prune(
     return result.model, result.masks
 
 
+def project_pruned_model(
+    model: nn.Module, size: int, sparsity: float, settings: PrunerSchema
+) -> nn.Module:
+    """The pipeline's pruned model: prune, speedup and BatchNorm re-estimation in
+    settings.iterations steps (pipeline.stages.iterative), on the CPU."""
+    from pipeline.stages.iterative import prune_in_steps
+
+    seed_everything()
+    result = prune_in_steps(
+        model,
+        settings,
+        sparsity,
+        random_loader(size, settings.training_steps),
+        nn.CrossEntropyLoss(),
+        torch.device("cpu"),
+        input_shape(size),
+    )
+    return result.model
+
+
 def project_speedup(model: nn.Module, masks: Masks, size: int, settings: PrunerSchema) -> nn.Module:
     from pipeline.stages.speedup import speedup
 

@@ -11,7 +11,6 @@ helper the measure stage uses.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import sys
@@ -129,7 +128,8 @@ def run(args: argparse.Namespace) -> list[Row]:
     args.inference = common.project_settings(overrides).measure
     form = args.inference
     print(
-        f"# pruner.round_to {settings.round_to}; inference form: runtime {form.runtime.value}, "
+        f"# pruner.round_to {settings.round_to}, pruner.iterations {settings.iterations}; "
+        f"inference form: runtime {form.runtime.value}, "
         f"fold_bn {form.fold_bn}, channels_last {form.channels_last}",
         flush=True,
     )
@@ -142,8 +142,7 @@ def run(args: argparse.Namespace) -> list[Row]:
         base_params, base_macs = count_params(baseline), count_macs(baseline, shape)
         for sparsity in args.sparsities:
             began = time.perf_counter()
-            masked, masks = common.project_prune(copy.deepcopy(baseline), size, sparsity, settings)
-            pruned = common.project_speedup(masked, masks, size, settings).eval()
+            pruned = common.project_pruned_model(baseline, size, sparsity, settings).eval()
             print(
                 f"# {size}x{size} s={sparsity}: prune+speedup {time.perf_counter() - began:.1f} s",
                 file=sys.stderr,

@@ -39,11 +39,30 @@ def test_warmup_then_cosine_schedule():
     assert lr_schedule(optimizer, 5, "constant", 0) is None
 
 
-def test_reference_recipe_composes_without_distillation(tiny_config):
+def test_recipes_compose(tiny_config):
     from pipeline.run import load_settings
 
     settings = load_settings(tiny_config("finetune=reference"))
     assert settings.finetune.distill is None
     assert settings.finetune.schedule == "constant"
     default = load_settings(tiny_config())
-    assert default.finetune.distill.alpha == 0.5 and default.finetune.schedule == "cosine"
+    assert default.finetune.distill is None and default.finetune.schedule == "cosine"
+    distill = load_settings(tiny_config("finetune=distill"))
+    assert distill.finetune.distill.alpha == 0.5 and distill.finetune.schedule == "cosine"
+
+
+def test_distillation_run_learns_from_the_baseline(tiny_config, tmp_path, monkeypatch):
+    import pipeline.training as training
+    from pipeline.run import run
+
+    calls = []
+    original = training.Distillation.loss
+
+    def counted(self, *args, **kwargs):
+        calls.append(self.teacher)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(training.Distillation, "loss", counted)
+    record = run(tiny_config("finetune=distill"), tmp_path / "run")
+    assert calls, "fine-tuning never used the distillation loss"
+    assert sum(p.numel() for p in calls[0].parameters()) == record["baseline"]["params"]

@@ -55,7 +55,10 @@ def test_apoz_normal_relu6_completes(tiny_config, tmp_path):
 
 def test_user_config_list_replaces_the_default(tiny_config, tmp_path):
     record = run(
-        tiny_config("pruner.config_list=[{sparsity_per_layer: 0.5, op_types: [Linear]}]"),
+        tiny_config(
+            "pruner.config_list=[{sparsity_per_layer: 0.5, op_types: [Linear]}]",
+            "pruner.iterations=1",
+        ),
         tmp_path / "run",
     )
     entries = record["pruning"]["config_list"]

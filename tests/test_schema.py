@@ -27,6 +27,14 @@ from pipeline.run import load_settings
             "pruner.confidence=1 is not allowed; allowed values: an integer > 1",
         ),
         ("device=tpu", "device='tpu' is not allowed; allowed values: auto, cpu, cuda"),
+        (
+            "pruner.iterations=0",
+            "pruner.iterations=0 is not allowed; allowed values: an integer >= 1",
+        ),
+        (
+            "pruner.recalibration_batches=-1",
+            "pruner.recalibration_batches=-1 is not allowed; allowed values: an integer >= 0",
+        ),
     ],
 )
 def test_bad_settings_fail_with_one_line_naming_key_and_allowed_values(

@@ -65,6 +65,9 @@ def test_sweep_gives_a_parent_and_finished_children(sweep_store):
             assert len(points) > 1, f"{series} has {len(points)} point(s)"
         curve = client.get_metric_history(run_id, "finetune.val_accuracy")
         assert [p.step for p in curve] == [1]
+        steps = client.get_metric_history(run_id, "prune_step.params")
+        assert [p.step for p in steps] == [1, 2]  # pruner.iterations=2 in the tiny config
+        assert steps[0].value > steps[1].value
         artifacts = {a.path for a in client.list_artifacts(run_id)}
         assert {"config.yaml", "measurements.json", "pruned_model", "__main__.log"} <= artifacts
         assert {"training_curves.png", "resource_usage.png"} <= artifacts
@@ -75,11 +78,12 @@ def test_sweep_gives_a_parent_and_finished_children(sweep_store):
 
 def test_a_stage_that_raises_leaves_a_failed_run_with_the_error(tiny_config, tmp_path, monkeypatch):
     import pipeline.run as pipeline_run
+    import pipeline.stages.iterative as iterative
 
     def broken_speedup(*args, **kwargs):
         raise RuntimeError("speedup exploded")
 
-    monkeypatch.setattr(pipeline_run, "speedup", broken_speedup)
+    monkeypatch.setattr(iterative, "speedup", broken_speedup)
     cfg = tiny_config()
     with pytest.raises(RuntimeError), tracked_run(cfg, "broken") as tracker:
         pipeline_run.run(cfg, tmp_path / "run", tracker)

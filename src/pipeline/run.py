@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
@@ -16,17 +15,19 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.cache import cache_key
-from pipeline.data import DataSplits, make_loaders
+from pipeline.data import DataSplits, Loaders, make_loaders
 from pipeline.export import build_from_config, export_onnx, save_pruned
+from pipeline.model_stats import count_params
 from pipeline.plots import resource_usage, training_curves
 from pipeline.report import summary_table
 from pipeline.schema import RunSchema, validate
 from pipeline.stages.baseline import baseline
 from pipeline.stages.finetune import finetune
+from pipeline.stages.iterative import prune_in_steps
 from pipeline.stages.measure import measure, quality
-from pipeline.stages.prune import prune, save_masks
-from pipeline.stages.speedup import speedup
+from pipeline.stages.prune import save_masks
 from pipeline.tracking import Tracker
+from pipeline.training import evaluate
 
 log = logging.getLogger(__name__)
 
@@ -120,27 +121,16 @@ def run(cfg: DictConfig, run_dir: Path, tracker: Tracker | None = None) -> dict:
             base.model, baseline_loaders.test, criterion, device, input_shape, max_batches
         )
 
-    with tracker.stage("prune"):
-        # NNI prunes in place: keep the baseline intact for the final comparison.
-        pruned = prune(
-            copy.deepcopy(base.model),
-            settings.pruner,
-            settings.sparsity,
-            finetune_loaders.train,
-            criterion,
-            prune_device,
-            input_shape,
-        )
-        save_masks(pruned.masks, run_dir / "masks.safetensors")
-
-    with tracker.stage("speedup"):
-        pruned_model = speedup(
-            pruned.model,
-            pruned.masks,
-            input_shape,
-            settings.pruner.confidence,
-            settings.pruner.trace_input_size,
-        )
+    pruned_model, pruning = prune_stages(
+        base.model,
+        settings,
+        finetune_loaders,
+        criterion,
+        prune_device,
+        input_shape,
+        tracker,
+        run_dir / "masks.safetensors",
+    )
 
     with tracker.stage("finetune"):
         tuned = finetune(
@@ -185,7 +175,7 @@ def run(cfg: DictConfig, run_dir: Path, tracker: Tracker | None = None) -> dict:
         "baseline_history": base.history,
         "finetune_history": tuned.history,
         "finetune_best_epoch": tuned.best_epoch,
-        "pruning": {"config_list": pruned.config_list, "device": prune_device.type},
+        "pruning": pruning,
         "device": device.type,
         "pruned_model": str(model_dir),
         "config": OmegaConf.to_container(cfg, resolve=True),
@@ -194,6 +184,52 @@ def run(cfg: DictConfig, run_dir: Path, tracker: Tracker | None = None) -> dict:
     log_outcome(tracker, record, run_dir)
     print(summary_table(record))
     return record
+
+
+def prune_stages(
+    model: torch.nn.Module,
+    settings: RunSchema,
+    loaders: Loaders,
+    criterion,
+    device: torch.device,
+    input_shape: tuple[int, int, int],
+    tracker: Tracker,
+    masks_path: Path,
+) -> tuple[torch.nn.Module, dict]:
+    """Stages 2 and 3 (in pruner.iterations steps), each step's size and validation accuracy
+    logged; returns the physically smaller model and a summary for measurements.json."""
+    steps = []
+
+    def after_step(index: int, current: torch.nn.Module) -> None:
+        val = evaluate(current, loaders.val, criterion, device, settings.max_batches, "val")
+        row = {"step": index, "params": count_params(current), "val_accuracy": val.accuracy}
+        steps.append(row)
+        tracker.log_metrics(
+            {"prune_step.params": row["params"], "prune_step.val_accuracy": val.accuracy},
+            step=index,
+        )
+        log.info("prune step %d/%d: %s", index, settings.pruner.iterations, row)
+
+    result = prune_in_steps(
+        model,
+        settings.pruner,
+        settings.sparsity,
+        loaders.train,
+        criterion,
+        device,
+        input_shape,
+        settings.max_batches,
+        stage=tracker.stage,
+        on_step=after_step,
+    )
+    save_masks(result.masks_by_step, masks_path)
+    summary = {
+        "config_list": result.config_list,
+        "device": device.type,
+        "iterations": settings.pruner.iterations,
+        "steps": steps,
+    }
+    return result.model, summary
 
 
 def log_outcome(tracker: Tracker, record: dict, run_dir: Path) -> None:

@@ -63,6 +63,8 @@ class PrunerSchema:
     round_to: int | None
     trace_input_size: int | None
     statistics: Statistics
+    iterations: int
+    recalibration_batches: int
 
 
 class Schedule(str, Enum):
@@ -165,6 +167,8 @@ def validate(cfg: DictConfig) -> None:
         ("sparsity", lambda v: number(v) and 0 < v < 1, "a number in (0, 1)"),
         ("pruner.confidence", lambda v: v > 1, "an integer > 1"),
         ("pruner.training_steps", lambda v: v >= 1, "an integer >= 1"),
+        ("pruner.iterations", lambda v: v >= 1, "an integer >= 1"),
+        ("pruner.recalibration_batches", lambda v: v >= 0, "an integer >= 0"),
         ("pruner.round_to", lambda v: v is None or v >= 1, "null or an integer >= 1"),
         ("pruner.trace_input_size", lambda v: v is None or v >= 8, "null or an integer >= 8"),
         ("finetune.batch_size", lambda v: v >= 1, "an integer >= 1"),

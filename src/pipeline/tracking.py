@@ -261,13 +261,16 @@ class Tracker:
             status = "finished"
         finally:
             seconds = time.perf_counter() - began
-            self.stage_seconds[name] = {"seconds": seconds}
             log.info("stage %s: %s after %.1f s", name, status, seconds)
+            # A stage entered again (iterative pruning) adds up; the sampler's summary already
+            # covers every visit, as it groups samples by stage name.
+            total = self.stage_seconds.get(name, {}).get("seconds", 0.0) + seconds
+            self.stage_seconds[name] = {"seconds": total}
             summary = self.sampler.end_stage() if self.sampler is not None else {}
             self.stage_summaries[name] = summary
             self.set_tags({f"stage.{name}": status})
             self.log_metrics(
-                {f"stage.{name}.seconds": seconds}
+                {f"stage.{name}.seconds": total}
                 | {f"stage.{name}.{key}": value for key, value in summary.items()}
             )
 

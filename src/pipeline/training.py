@@ -104,6 +104,42 @@ def train_steps(
 
 
 @torch.no_grad()
+def recalibrate_batchnorm(
+    model: nn.Module, loader: Iterable, num_batches: int, device: torch.device
+) -> nn.Module:
+    """Re-estimate every BatchNorm's running statistics from `num_batches` forward passes.
+
+    Removing channels changes what each later layer receives, while the BatchNorms still
+    normalise with the statistics of the unpruned network; the errors compound through the
+    depth (on Fashion-MNIST, pruning 5 % of MobileNetV2's channels took validation accuracy from
+    0.77 to 0.47, and re-estimating the statistics brought most of it back). Forward passes
+    only: no weight changes. A short loader is cycled.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if num_batches <= 0 or not norms:
+        return model
+    momenta = [norm.momentum for norm in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # a cumulative average over all the batches, not a decaying one
+    was_training = model.training
+    model.train()
+    done = 0
+    while done < num_batches:
+        seen_any = False
+        for images, _ in batches(loader, num_batches - done):
+            model(images.to(device, non_blocking=True))
+            done += 1
+            seen_any = True
+        if not seen_any:
+            break
+    for norm, momentum in zip(norms, momenta, strict=True):
+        norm.momentum = momentum
+    model.train(was_training)
+    return model
+
+
+@torch.no_grad()
 def evaluate(
     model: nn.Module,
     loader: Iterable,

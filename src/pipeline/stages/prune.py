@@ -29,12 +29,31 @@ class PruneResult:
     config_list: list[dict[str, Any]]
 
 
+# NNI config-list keys that hold a sparsity (max_sparsity_per_layer is a cap, left alone).
+SPARSITY_KEYS = ("sparsity", "sparsity_per_layer", "total_sparsity")
+
+
+def step_sparsity(sparsity: float, count: int) -> float:
+    """The fraction of the remaining channels one of `count` equal steps removes."""
+    if count == 1:
+        return sparsity  # exactly: NNI rounds channel counts from it
+    return 1.0 - (1.0 - sparsity) ** (1.0 / count)
+
+
+NNI_PLAIN_LOGGERS = ("FixMaskConflict", "Shape_Dependency", "torch apply compression")
+
+
 def quiet_nni() -> None:
     """NNI logs every wrapped and replaced module at INFO; keep warnings and errors only."""
     # NNI gives its module loggers explicit levels, so the parent's level is not enough.
     names = [name for name in logging.root.manager.loggerDict if name.startswith("nni")]
-    for name in ["nni", *names]:
+    # A few of its utilities log under names of their own.
+    for name in ["nni", *names, *NNI_PLAIN_LOGGERS]:
         logging.getLogger(name).setLevel(logging.WARNING)
+    # Warns on every pruning call that it had no model to unbind: nothing to act on.
+    logging.getLogger("nni.algorithms.compression.v2.pytorch.utils.evaluator").setLevel(
+        logging.ERROR
+    )
 
 
 def last_linear_name(model: nn.Module) -> str:
@@ -50,19 +69,27 @@ def resolve_config_list(
     exclude_last_layer: bool,
     model: nn.Module,
     round_to: int | None = None,
+    steps: int = 1,
 ) -> list[dict[str, Any]]:
     """The user's NNI config list, or the default one built from `sparsity`, plus the exclusion.
 
     With `round_to`, the default list becomes one entry per layer that keeps a multiple of
-    `round_to` channels (see rounded_config_list).
+    `round_to` channels (see rounded_config_list). With `steps` > 1 (iterative pruning) every
+    sparsity becomes that of one of `steps` equal steps, applied to the model as the earlier
+    steps left it, so that after all of them the kept fraction is 1 - sparsity (before rounding).
     """
     last = last_linear_name(model) if exclude_last_layer else None
     if config_list is not None:
         resolved = [dict(entry) for entry in config_list]
+        for entry in resolved:
+            for key in SPARSITY_KEYS:
+                if key in entry:
+                    entry[key] = step_sparsity(float(entry[key]), steps)
     elif round_to:
-        resolved = rounded_config_list(model, sparsity, round_to, skip={last})
+        resolved = rounded_config_list(model, step_sparsity(sparsity, steps), round_to, {last})
     else:
-        resolved = [{"total_sparsity": sparsity, "op_types": ["Conv2d", "Linear"]}]
+        total = step_sparsity(sparsity, steps)
+        resolved = [{"total_sparsity": total, "op_types": ["Conv2d", "Linear"]}]
     if last is not None:
         resolved.append({"exclude": True, "op_names": [last]})
     return resolved
@@ -159,8 +186,10 @@ def prune(
     criterion: Callable,
     device: torch.device,
     input_shape: tuple[int, int, int],
+    steps: int = 1,
 ) -> PruneResult:
-    """Rank output channels by activation statistics and mask the lowest-ranked ones."""
+    """Rank output channels by activation statistics and mask the lowest-ranked ones; with
+    `steps` > 1, this call is one of that many equal steps towards `sparsity`."""
     import nni
     from nni.algorithms.compression.v2.pytorch import TorchEvaluator
     from nni.compression.pytorch.pruning import ActivationAPoZRankPruner, ActivationMeanRankPruner
@@ -168,7 +197,7 @@ def prune(
     quiet_nni()
     pruner_class = {"apoz": ActivationAPoZRankPruner, "mean_rank": ActivationMeanRankPruner}
     config_list = resolve_config_list(
-        settings.config_list, sparsity, settings.exclude_last_layer, model, settings.round_to
+        settings.config_list, sparsity, settings.exclude_last_layer, model, settings.round_to, steps
     )
     model.to(device)
     if all(entry.get("exclude") for entry in config_list):
@@ -233,13 +262,16 @@ def trace_shape(
     return small
 
 
-def save_masks(masks: Masks, path: Path) -> Path:
-    """Masks as one safetensors file, keys `<layer>.<parameter>`."""
-    flat = {
-        f"{layer}.{name}": mask.detach().cpu().contiguous()
-        for layer, layer_masks in masks.items()
-        for name, mask in layer_masks.items()
-        if mask is not None
-    }
-    save_file(flat, path)
+def save_masks(masks_by_step: list[Masks], path: Path) -> Path:
+    """Masks as one safetensors file, keys `<layer>.<parameter>`; with several pruning steps
+    (each on the model the previous one left), keys `step<k>/<layer>.<parameter>`."""
+    several = len(masks_by_step) > 1
+    flat = {}
+    for index, masks in enumerate(masks_by_step, start=1):
+        prefix = f"step{index}/" if several else ""
+        for layer, layer_masks in masks.items():
+            for name, mask in layer_masks.items():
+                if mask is not None:
+                    flat[f"{prefix}{layer}.{name}"] = mask.detach().cpu().contiguous()
+    save_file(flat, path, metadata={"steps": str(len(masks_by_step))})
     return path

@@ -1,0 +1,87 @@
+"""Stages 2 and 3 in several steps: prune, speed up and re-estimate BatchNorm statistics,
+pruner.iterations times, each step removing the same fraction of what the last one left."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.schema import PrunerSchema
+from pipeline.stages.prune import Masks, prune
+from pipeline.stages.speedup import speedup
+from pipeline.training import recalibrate_batchnorm
+
+
+@dataclass
+class SteppedResult:
+    model: nn.Module  # physically smaller, BatchNorm statistics re-estimated
+    masks_by_step: list[Masks]  # each on the model the step before left
+    config_list: list[dict[str, Any]]  # the last step's
+
+
+def _untimed(name: str) -> AbstractContextManager:
+    return contextlib.nullcontext()
+
+
+def prune_in_steps(
+    model: nn.Module,
+    settings: PrunerSchema,
+    sparsity: float,
+    train_loader: Iterable,
+    criterion: Callable,
+    device: torch.device,
+    input_shape: tuple[int, int, int],
+    max_batches: int | None = None,
+    stage: Callable[[str], AbstractContextManager] = _untimed,
+    on_step: Callable[[int, nn.Module], None] | None = None,
+) -> SteppedResult:
+    """Prune a copy of `model` to `sparsity` in settings.iterations steps.
+
+    Each step ranks channels on the model the previous step left, with BatchNorm statistics
+    that fit it (see recalibrate_batchnorm), so that later steps rank what the network now
+    computes. With settings.round_to each step rounds the layer's current width, so a narrow
+    layer whose step would remove less than half a multiple is left alone: the stem and the
+    16-32 channel bottlenecks, which accuracy hangs on, are pruned less than in one-shot
+    pruning and the wide layers as asked (on Fashion-MNIST at sparsity 0.5: 1.08 M instead of
+    1.06 M parameters). `stage(name)` wraps the prune and the speedup part of every step (the
+    run's tracker times them); `on_step(index, model)` sees the model after each step.
+    """
+    current = copy.deepcopy(model)  # NNI prunes in place: keep the caller's model intact
+    recalibration = settings.recalibration_batches
+    if max_batches is not None:
+        recalibration = min(recalibration, max_batches)
+    masks_by_step, config_list = [], []
+    for index in range(1, settings.iterations + 1):
+        with stage("prune"):
+            pruned = prune(
+                current,
+                settings,
+                sparsity,
+                train_loader,
+                criterion,
+                device,
+                input_shape,
+                settings.iterations,
+            )
+        # ModelSpeedup rewrites the masks it is given; keep this step's as the pruner made them.
+        masks_by_step.append(copy.deepcopy(pruned.masks))
+        config_list = pruned.config_list
+        with stage("speedup"):
+            current = speedup(
+                pruned.model,
+                pruned.masks,
+                input_shape,
+                settings.confidence,
+                settings.trace_input_size,
+            )
+            recalibrate_batchnorm(current, train_loader, recalibration, device)
+        if on_step is not None:
+            on_step(index, current)
+    return SteppedResult(current, masks_by_step, config_list)

@@ -1,0 +1,100 @@
+"""Iterative pruning: equal steps that compound to the requested sparsity, each rounding the
+current widths, with BatchNorm statistics re-estimated after each speedup."""
+
+import math
+
+import pytest
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from pipeline.models import mobilenet_v2
+from pipeline.run import run
+from pipeline.stages.prune import resolve_config_list, step_sparsity
+from pipeline.tracking import Tracker
+from pipeline.training import recalibrate_batchnorm
+
+
+@pytest.mark.parametrize("count", [1, 2, 4, 7])
+@pytest.mark.parametrize("sparsity", [0.05, 0.5, 0.7])
+def test_equal_steps_compound_to_the_requested_sparsity(sparsity, count):
+    assert math.isclose((1 - step_sparsity(sparsity, count)) ** count, 1 - sparsity)
+    assert step_sparsity(sparsity, 1) == sparsity
+
+
+def test_each_step_rounds_the_current_widths():
+    model = mobilenet_v2(num_classes=10)
+    step = step_sparsity(0.5, 4)  # about 0.16
+    entries = resolve_config_list(None, 0.5, True, model, round_to=16, steps=4)
+    pruned = {e["op_names"][0]: e["sparsity_per_layer"] for e in entries if "sparsity_per_layer" in e}
+    # 1280 * 0.84 = 1076 -> 1072 kept; 32 * 0.84 = 27 -> 32 kept: the stem is left alone.
+    assert int(pruned["features.18.0"] * 1280) == 1280 - 1072
+    assert "features.0.0" not in pruned
+    for name, share in pruned.items():
+        layer = model.get_submodule(name)
+        width = getattr(layer, "out_channels", None) or layer.out_features
+        kept = width - int(share * width)
+        assert kept % 16 == 0 and abs(kept - (1 - step) * width) <= 8, (name, width, kept)
+    one_shot = resolve_config_list(None, 0.5, True, model, round_to=16)
+    assert {e["op_names"][0] for e in one_shot if "sparsity_per_layer" in e} > set(pruned)
+
+
+def test_user_config_lists_are_split_into_equal_steps():
+    model = mobilenet_v2(num_classes=10)
+    user = [{"sparsity_per_layer": 0.5, "op_types": ["Linear"]}]
+    entries = resolve_config_list(user, 0.15, True, model, 16, steps=2)
+    assert math.isclose(entries[0]["sparsity_per_layer"], 1 - math.sqrt(0.5))
+    assert entries[0]["op_types"] == ["Linear"]
+    assert user[0]["sparsity_per_layer"] == 0.5  # the user's list is left as it was
+
+
+def test_recalibration_replaces_stale_batchnorm_statistics():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU())
+    bn = model[1]
+    bn.running_mean.fill_(100.0)
+    bn.running_var.fill_(100.0)
+    weights = [p.clone() for p in model.parameters()]
+    images = torch.randn(32, 3, 8, 8) * 2 + 1
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(images, torch.zeros(32)), batch_size=8
+    )
+    model.eval()
+    recalibrate_batchnorm(model, loader, 8, torch.device("cpu"))  # 8 > 4 batches: it cycles
+    with torch.no_grad():
+        conv_out = model[0](images)
+    torch.testing.assert_close(bn.running_mean, conv_out.mean(dim=(0, 2, 3)), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(bn.running_var, conv_out.var(dim=(0, 2, 3)), rtol=0.05, atol=1e-3)
+    assert bn.momentum == 0.1 and not model.training
+    assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters(), strict=True))
+
+
+def test_a_stage_entered_again_adds_up(tmp_path):
+    tracker = Tracker({}, tmp_path)
+    for _ in range(3):
+        with tracker.stage("prune"):
+            sum(range(10_000))
+    first = tracker.stage_seconds["prune"]["seconds"]
+    with tracker.stage("prune"):
+        sum(range(10_000))
+    assert tracker.stage_seconds["prune"]["seconds"] > first > 0
+
+
+def test_iterative_run_prunes_in_steps_and_keeps_every_steps_masks(tiny_config, tmp_path):
+    one_shot = run(tiny_config("pruner.iterations=1"), tmp_path / "one_shot")
+    stepped = run(tiny_config("pruner.iterations=3"), tmp_path / "stepped")
+
+    steps = stepped["pruning"]["steps"]
+    assert [row["step"] for row in steps] == [1, 2, 3]
+    params = [row["params"] for row in steps]
+    assert stepped["baseline"]["params"] > params[0] > params[1] > params[2]
+    assert params[-1] == stepped["pruned"]["params"]
+    # Narrow layers are pruned less in steps; the total stays near the one-shot count.
+    assert one_shot["pruned"]["params"] <= params[-1] < 1.1 * one_shot["pruned"]["params"]
+    assert len(one_shot["pruning"]["steps"]) == 1
+    with safe_open(tmp_path / "stepped" / "masks.safetensors", "pt") as masks:
+        prefixes = {key.split("/")[0] for key in masks.keys()}  # noqa: SIM118
+        assert masks.metadata()["steps"] == "3"
+    assert prefixes == {"step1", "step2", "step3"}
+    with safe_open(tmp_path / "one_shot" / "masks.safetensors", "pt") as masks:
+        assert not any("/" in key for key in masks.keys())  # noqa: SIM118
