@@ -63,6 +63,8 @@ def child(stage: str, impl: str, size: int, args: argparse.Namespace) -> dict:
     # statistics (which channels NNI removes decides the widths where depthwise convs are
     # pruned on their own, so other statistics would give another architecture).
     settings = common.pruner_settings(args.training_steps, round_to="null", statistics="nni")
+    if impl == "default":  # the whole default schedule, for scale: all of the project's defaults
+        settings = common.pruner_settings(args.training_steps)
     model = common.build_model(size)
     saved = args.workdir / f"{impl}-{size}.pt"
     if stage == "speedup":
@@ -72,7 +74,9 @@ def child(stage: str, impl: str, size: int, args: argparse.Namespace) -> dict:
 
     rss_before = psutil.Process().memory_info().rss
     began = time.perf_counter()
-    if stage == "prune" and impl == "project":
+    if stage == "steps":
+        model = common.project_pruned_model(model, size, args.sparsity, settings)
+    elif stage == "prune" and impl == "project":
         model, masks = common.project_prune(model, size, args.sparsity, settings)
     elif stage == "prune":
         model, masks = common.plain_prune(
@@ -95,6 +99,8 @@ def child(stage: str, impl: str, size: int, args: argparse.Namespace) -> dict:
     }
     if stage == "speedup":
         record["architecture"] = common.architecture(model)
+    if stage == "steps":
+        record["iterations"] = settings.iterations
     return record
 
 
@@ -138,13 +144,22 @@ def measure_all(args: argparse.Namespace) -> list[dict]:
                     for stage in STAGES:
                         row = spawn(stage, impl, size, args, workdir)
                         rows.append(row | {"repeat": repeat})
-                        print(
-                            f"# {size}x{size} {impl} {stage}: {row['seconds']:.1f} s, "
-                            f"peak {row['peak_bytes'] / MIB:.0f} MiB",
-                            file=sys.stderr,
-                            flush=True,
-                        )
+                        log_row(row)
+                # The default pipeline prunes in pruner.iterations steps: its whole cost, for
+                # scale (other statistics and widths, so not part of the like-for-like ratios).
+                row = spawn("steps", "default", size, args, workdir)
+                rows.append(row | {"repeat": repeat})
+                log_row(row)
     return rows
+
+
+def log_row(row: dict) -> None:
+    print(
+        f"# {row['size']}x{row['size']} {row['impl']} {row['stage']}: {row['seconds']:.1f} s, "
+        f"peak {row['peak_bytes'] / MIB:.0f} MiB",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def median(rows: list[dict], key: str, **match: object) -> float:
@@ -186,6 +201,15 @@ def report(rows: list[dict], args: argparse.Namespace) -> str:
                 )
         same = "yes" if identical(rows, size) else "NO"
         lines.append(f"# {size}x{size}: pruned architectures identical: {same}")
+        steps = [row for row in rows if row["stage"] == "steps" and row["size"] == size]
+        seconds = median(rows, "seconds", size=size, stage="steps", impl="default")
+        plain = sum(median(rows, "seconds", size=size, stage=name, impl="plain") for name in STAGES)
+        lines.append(
+            f"# {size}x{size}: the default pipeline ({steps[0]['iterations']} steps of prune, "
+            f"speedup and BatchNorm re-estimation) {seconds:.2f} s, peak "
+            f"{median(rows, 'peak_bytes', size=size, stage='steps', impl='default') / MIB:.0f} "
+            f"MiB: {seconds / plain:.3f} x the plain one-shot prune + speedup"
+        )
     return "\n".join(lines)
 
 
@@ -207,9 +231,11 @@ def summary(rows: list[dict], args: argparse.Namespace) -> str:
         return f"{measure('project') / measure('plain'):.3f} ({parts})"
 
     same = all(identical(rows, size) for size in args.sizes)
+    default = median(rows, "seconds", size=size, stage="steps", impl="default")
     return (
         f"summary: {size}x{size} prune+speedup project/plain time {ratios(total)}, "
-        f"peak {ratios(peak)}; pruned architectures identical: {'yes' if same else 'no'}"
+        f"peak {ratios(peak)}; pruned architectures identical: {'yes' if same else 'no'}; "
+        f"default pipeline (all its steps) / plain one-shot time {default / total('plain'):.3f}"
     )
 
 
