@@ -26,7 +26,7 @@ def test_each_step_rounds_the_current_widths():
     model = mobilenet_v2(num_classes=10)
     step = step_sparsity(0.5, 4)  # about 0.16
     entries = resolve_config_list(None, 0.5, True, model, round_to=16, steps=4)
-    pruned = {e["op_names"][0]: e["sparsity_per_layer"] for e in entries if "sparsity_per_layer" in e}
+    pruned = {e["op_names"][0]: e["sparsity_per_layer"] for e in entries if not e.get("exclude")}
     # 1280 * 0.84 = 1076 -> 1072 kept; 32 * 0.84 = 27 -> 32 kept: the stem is left alone.
     assert int(pruned["features.18.0"] * 1280) == 1280 - 1072
     assert "features.0.0" not in pruned
@@ -36,7 +36,7 @@ def test_each_step_rounds_the_current_widths():
         kept = width - int(share * width)
         assert kept % 16 == 0 and abs(kept - (1 - step) * width) <= 8, (name, width, kept)
     one_shot = resolve_config_list(None, 0.5, True, model, round_to=16)
-    assert {e["op_names"][0] for e in one_shot if "sparsity_per_layer" in e} > set(pruned)
+    assert {e["op_names"][0] for e in one_shot if not e.get("exclude")} > set(pruned)
 
 
 def test_user_config_lists_are_split_into_equal_steps():
