@@ -100,6 +100,17 @@ def pruner_settings(
 Masks = dict[str, dict[str, torch.Tensor]]
 
 
+def stage_inputs(size: int, settings: PrunerSchema) -> tuple:
+    """The data the prune stage gets after the model and sparsity: training_steps random
+    batches, the loss, the CPU and the input shape."""
+    return (
+        random_loader(size, settings.training_steps),
+        nn.CrossEntropyLoss(),
+        torch.device("cpu"),
+        input_shape(size),
+    )
+
+
 def project_prune(
     model: nn.Module, size: int, sparsity: float, settings: PrunerSchema
 ) -> tuple[nn.Module, Masks]:
@@ -107,15 +118,7 @@ def project_prune(
     from pipeline.stages.prune import prune
 
     seed_everything()
-    result = prune(
-        model,
-        settings,
-        sparsity,
-        random_loader(size, settings.training_steps),
-        nn.CrossEntropyLoss(),
-        torch.device("cpu"),
-        input_shape(size),
-    )
+    result = prune(model, settings, sparsity, *stage_inputs(size, settings))
     return result.model, result.masks
 
 
@@ -127,16 +130,7 @@ def project_pruned_model(
     from pipeline.stages.iterative import prune_in_steps
 
     seed_everything()
-    result = prune_in_steps(
-        model,
-        settings,
-        sparsity,
-        random_loader(size, settings.training_steps),
-        nn.CrossEntropyLoss(),
-        torch.device("cpu"),
-        input_shape(size),
-    )
-    return result.model
+    return prune_in_steps(model, settings, sparsity, *stage_inputs(size, settings)).model
 
 
 def project_speedup(model: nn.Module, masks: Masks, size: int, settings: PrunerSchema) -> nn.Module:
