@@ -12,7 +12,7 @@ from pipeline.models import mobilenet_v2
 from pipeline.run import run
 from pipeline.stages.prune import resolve_config_list, step_sparsity
 from pipeline.tracking import Tracker
-from pipeline.training import recalibrate_batchnorm
+from pipeline.training import cycled_batches, recalibrate_batchnorm
 
 
 @pytest.mark.parametrize("count", [1, 2, 4, 7])
@@ -46,6 +46,12 @@ def test_user_config_lists_are_split_into_equal_steps():
     assert math.isclose(entries[0]["sparsity_per_layer"], 1 - math.sqrt(0.5))
     assert entries[0]["op_types"] == ["Linear"]
     assert user[0]["sparsity_per_layer"] == 0.5  # the user's list is left as it was
+
+
+def test_cycled_batches_go_round_a_short_loader_and_stop_on_an_empty_one():
+    assert list(cycled_batches([1, 2, 3], 7)) == [1, 2, 3, 1, 2, 3, 1]
+    assert list(cycled_batches([1, 2, 3], 2)) == [1, 2]
+    assert list(cycled_batches([], 5)) == []
 
 
 def test_recalibration_replaces_stale_batchnorm_statistics():

@@ -57,6 +57,19 @@ def batches(loader: Iterable, max_batches: int | None) -> Iterator:
     return iter(loader) if max_batches is None else islice(loader, max_batches)
 
 
+def cycled_batches(loader: Iterable, count: int) -> Iterator:
+    """Exactly `count` batches, going round a loader shorter than that again (fewer only when
+    the loader is empty)."""
+    done = 0
+    while done < count:
+        before = done
+        for batch in batches(loader, count - done):
+            done += 1
+            yield batch
+        if done == before:
+            return
+
+
 def _progress(loader: Iterable, max_batches: int | None, desc: str):
     total = len(loader) if hasattr(loader, "__len__") else None
     if total is not None and max_batches is not None:
@@ -124,15 +137,8 @@ def recalibrate_batchnorm(
         norm.momentum = None  # a cumulative average over all the batches, not a decaying one
     was_training = model.training
     model.train()
-    done = 0
-    while done < num_batches:
-        seen_any = False
-        for images, _ in batches(loader, num_batches - done):
-            model(images.to(device, non_blocking=True))
-            done += 1
-            seen_any = True
-        if not seen_any:
-            break
+    for images, _ in cycled_batches(loader, num_batches):
+        model(images.to(device, non_blocking=True))
     for norm, momentum in zip(norms, momenta, strict=True):
         norm.momentum = momentum
     model.train(was_training)

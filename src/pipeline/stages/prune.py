@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from pipeline.inference import fold_batchnorm
 from pipeline.schema import PrunerSchema
-from pipeline.training import train_steps
+from pipeline.training import cycled_batches, train_steps
 
 Masks = dict[str, dict[str, torch.Tensor]]
 
@@ -167,13 +167,8 @@ def observe_func(loader: DataLoader, device: torch.device, batches: int) -> Call
         model, optimizers, criterion, lr_schedulers=None, max_steps=None, max_epochs=None
     ):
         model.eval()
-        done = 0
-        while done < batches:  # a short loader is cycled
-            for images, _ in loader:
-                model(images.to(device))
-                done += 1
-                if done == batches:
-                    return
+        for images, _ in cycled_batches(loader, batches):
+            model(images.to(device))
 
     return training_func
 
