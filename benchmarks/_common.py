@@ -1,22 +1,25 @@
-"""What both benchmarks share: the two reference models, random data, the pruner settings and
+"""What the benchmarks share: the two reference models, random data, the project's settings and
 the two ways of pruning (the project's stage functions and the plain NNI call sequence)."""
 
 from __future__ import annotations
 
 import random
 import warnings
-from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from pipeline.config import compose, settings_from
+from pipeline.data import Loaders, StageInputs
 from pipeline.models import mobilenet_v2
-from pipeline.schema import PrunerSchema, RunSchema
+from pipeline.nni_adapter import Masks
+from pipeline.nni_adapter import speedup as nni_speedup
+from pipeline.schema import PrunerSettings, RunSettings
+from pipeline.stages.iterative import prune_in_steps
+from pipeline.stages.prune import prune
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 SEED = 1234
 # Input size -> number of classes: 224 is the reference (Oxford-IIIT Pet) model, 32 the
 # small-input model the digits default runs.
@@ -58,24 +61,15 @@ def quiet_warnings() -> None:
     warnings.filterwarnings("ignore", category=UserWarning)
 
 
-def compose_config(overrides: list[str]) -> DictConfig:
-    """The project's config, composed by Hydra from conf/ with `overrides`."""
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
-
-
-def project_settings(overrides: list[str]) -> RunSchema:
-    """The project's validated settings, composed from conf/ with `overrides`."""
-    from pipeline.run import load_settings
-
-    return load_settings(compose_config(overrides))
+def project_settings(overrides: list[str]) -> RunSettings:
+    """The project's checked settings, composed from conf/ with `overrides` exactly as
+    `python -m pipeline` composes them."""
+    return settings_from(compose(overrides))
 
 
 def pruner_settings(
     training_steps: int = 5, round_to: str = "default", statistics: str = "default"
-) -> PrunerSchema:
+) -> PrunerSettings:
     """The pruner section of the project's config, with every value the benchmarks depend on
     pinned by an override. `round_to` and `statistics`: "default" keeps the project's default,
     anything else overrides it."""
@@ -84,6 +78,7 @@ def pruner_settings(
         "pruner.mode=dependency_aware",
         "pruner.activation=relu",
         f"pruner.training_steps={training_steps}",
+        f"pruner.batch_size={LOADER_BATCH}",  # what random_loader's batches hold
         "pruner.lr=0.001",
         "pruner.config_list=null",
         "pruner.exclude_last_layer=true",
@@ -97,47 +92,51 @@ def pruner_settings(
     return project_settings(overrides).pruner
 
 
-Masks = dict[str, dict[str, torch.Tensor]]
-
-
-def stage_inputs(size: int, settings: PrunerSchema) -> tuple:
-    """The data the prune stage gets after the model and sparsity: training_steps random
-    batches, the loss, the CPU and the input shape."""
-    return (
-        random_loader(size, settings.training_steps),
-        nn.CrossEntropyLoss(),
-        torch.device("cpu"),
-        input_shape(size),
+def stage_inputs(size: int, settings: PrunerSettings) -> StageInputs:
+    """What the prune and speedup stages read: training_steps random batches, the loss, the CPU
+    and the input shape. No stage run here evaluates, so there is no validation or test data."""
+    return StageInputs(
+        loaders=Loaders(train=random_loader(size, settings.training_steps), val=(), test=()),
+        criterion=nn.CrossEntropyLoss(),
+        device=torch.device("cpu"),
+        input_shape=input_shape(size),
     )
 
 
 def project_prune(
-    model: nn.Module, size: int, sparsity: float, settings: PrunerSchema
+    model: nn.Module, size: int, sparsity: float, settings: PrunerSettings
 ) -> tuple[nn.Module, Masks]:
     """Stage 2 as the pipeline runs it, on the CPU; returns the masked model and the masks."""
-    from pipeline.stages.prune import prune
-
     seed_everything()
-    result = prune(model, settings, sparsity, *stage_inputs(size, settings))
+    result = prune(model, inputs=stage_inputs(size, settings), settings=settings, sparsity=sparsity)
     return result.model, result.masks
 
 
 def project_pruned_model(
-    model: nn.Module, size: int, sparsity: float, settings: PrunerSchema
+    model: nn.Module, size: int, sparsity: float, settings: PrunerSettings
 ) -> nn.Module:
     """The pipeline's pruned model: prune, speedup and BatchNorm re-estimation in
     settings.iterations steps (pipeline.stages.iterative), on the CPU."""
-    from pipeline.stages.iterative import prune_in_steps
-
     seed_everything()
-    return prune_in_steps(model, settings, sparsity, *stage_inputs(size, settings)).model
+    result = prune_in_steps(
+        model, inputs=stage_inputs(size, settings), settings=settings, sparsity=sparsity
+    )
+    return result.model
 
 
-def project_speedup(model: nn.Module, masks: Masks, size: int, settings: PrunerSchema) -> nn.Module:
-    from pipeline.stages.speedup import speedup
-
+def project_speedup(
+    model: nn.Module, masks: Masks, size: int, settings: PrunerSettings
+) -> nn.Module:
+    """The project's ModelSpeedup call with its checks and retries, without the BatchNorm
+    re-estimation of the speedup stage: the plain side has none either."""
     seed_everything()
-    return speedup(model, masks, input_shape(size), settings.confidence, settings.trace_input_size)
+    return nni_speedup(
+        model,
+        masks,
+        input_shape=input_shape(size),
+        confidence=settings.confidence,
+        trace_size=settings.trace_input_size,
+    )
 
 
 def plain_prune(

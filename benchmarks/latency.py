@@ -1,8 +1,9 @@
 """Does pruning make MobileNetV2 faster, and by as much as its MACs shrink?
 
 For each input size and sparsity the unpruned baseline is pruned and sped up with the project's
-own stage functions, then baseline and pruned model are timed with pipeline.latency, the same
-helper the measure stage uses.
+own stage functions, then baseline and pruned model are timed with
+pipeline.stages.measure.timed, the measure stage's own timing, under the composed measure
+settings (the timing options below are overrides of them).
 
     python benchmarks/latency.py
     python benchmarks/latency.py --sizes 32 --sparsities 0.15 0.5 --repeats 10 --json out.json
@@ -21,13 +22,15 @@ from pathlib import Path
 import _common as common
 import torch
 
-from pipeline.inference import inference_model
-from pipeline.latency import LatencyStats, measure_latency
+from pipeline.latency import LatencyStats
 from pipeline.model_stats import count_macs, count_params
+from pipeline.schema import MeasureSettings
+from pipeline.stages.measure import timed
 
 # Above this batch size a forward pass of the 224x224 model takes a large fraction of a second
 # on a small CPU, so the default repeats are cut to keep the whole run within minutes.
 LARGE_BATCH = 8
+REPEATS, LARGE_BATCH_REPEATS = 30, 10
 
 
 @dataclass
@@ -51,13 +54,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sizes", type=int, nargs="+", default=[224, 32])
     parser.add_argument("--sparsities", type=float, nargs="+", default=[0.05, 0.15, 0.3, 0.5])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads while timing")
-    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument(
+        "--threads", type=int, default=2, help="measure.threads: torch CPU threads while timing"
+    )
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=5,
+        help="measure.warmup: untimed calls first (the measure stage caps it at 3 above batch 1)",
+    )
     parser.add_argument(
         "--repeats",
         type=int,
         default=None,
-        help=f"timed calls per model (default: 30, or 10 for batches above {LARGE_BATCH})",
+        help=f"measure.repeats: timed calls per model (default: {REPEATS}, or "
+        f"{LARGE_BATCH_REPEATS} for batches above {LARGE_BATCH})",
     )
     parser.add_argument("--devices", nargs="+", default=["cpu", "cuda"], choices=["cpu", "cuda"])
     parser.add_argument("--training-steps", type=int, default=5)
@@ -86,51 +97,53 @@ def devices(names: list[str]) -> list[torch.device]:
     return [torch.device(name) for name in names if name == "cpu" or torch.cuda.is_available()]
 
 
+def measure_settings(args: argparse.Namespace) -> MeasureSettings:
+    """The project's measure settings with this run's timing options as overrides: threads,
+    warm-up and batch-1 repeats always, the inference form only where an option names it."""
+    options = {
+        "threads": args.threads,
+        "warmup": args.warmup,
+        "repeats": args.repeats or REPEATS,
+        "runtime": args.runtime,
+        "fold_bn": args.fold_bn,
+        "channels_last": args.channels_last,
+    }
+    overrides = [f"measure.{key}={value}" for key, value in options.items() if value is not None]
+    return common.project_settings(overrides).measure
+
+
 def time_pair(
     baseline: torch.nn.Module,
     pruned: torch.nn.Module,
     size: int,
     batch: int,
     device: torch.device,
-    args: argparse.Namespace,
+    settings: MeasureSettings,
+    repeats: int | None,
 ) -> tuple[LatencyStats, LatencyStats]:
-    repeats = args.repeats or (30 if batch <= LARGE_BATCH else 10)
-    options = dict(
-        device=device,
-        batch_size=batch,
-        warmup=args.warmup,
-        repeats=repeats,
-        threads=args.threads,
-    )
+    """Both models timed the measure stage's way (`repeats` None: settings.repeats)."""
     shape = common.input_shape(size)
-    form = args.inference  # the measure stage's inference form, the same for both models
-    options["channels_last"] = form.channels_last
-    baseline, pruned = (
-        inference_model(m.to(device), shape, form.runtime.value, form.fold_bn, form.channels_last)
-        for m in (baseline, pruned)
-    )
     # The baseline is timed again right before each pruned model rather than once per size:
     # on a shared machine the load drifts, and the ratio should compare like with like.
-    return measure_latency(baseline, shape, **options), measure_latency(pruned, shape, **options)
-
-
-def run(args: argparse.Namespace) -> list[Row]:
-    settings = common.pruner_settings(args.training_steps, args.round_to)
-    overrides = [
-        f"measure.{key}={value}"
-        for key, value in (
-            ("runtime", args.runtime),
-            ("fold_bn", args.fold_bn),
-            ("channels_last", args.channels_last),
+    return tuple(
+        timed(
+            model,
+            input_shape=shape,
+            device=device,
+            settings=settings,
+            batch_size=batch,
+            repeats=repeats,
         )
-        if value is not None
-    ]
-    args.inference = common.project_settings(overrides).measure
-    form = args.inference
+        for model in (baseline, pruned)
+    )
+
+
+def run(args: argparse.Namespace, measure: MeasureSettings) -> list[Row]:
+    settings = common.pruner_settings(args.training_steps, args.round_to)
     print(
         f"# pruner.round_to {settings.round_to}, pruner.iterations {settings.iterations}; "
-        f"inference form: runtime {form.runtime.value}, "
-        f"fold_bn {form.fold_bn}, channels_last {form.channels_last}",
+        f"inference form: runtime {measure.runtime.value}, "
+        f"fold_bn {measure.fold_bn}, channels_last {measure.channels_last}",
         flush=True,
     )
     print(HEADER, flush=True)
@@ -150,9 +163,12 @@ def run(args: argparse.Namespace) -> list[Row]:
             params_ratio = count_params(pruned) / base_params
             macs_ratio = count_macs(pruned, shape) / base_macs
             for batch in args.batch_sizes:
+                # None: measure.repeats, which --repeats (when given) sets for every batch.
+                few = batch > LARGE_BATCH and args.repeats is None
+                repeats = LARGE_BATCH_REPEATS if few else None
                 for device in targets:
                     base_stats, pruned_stats = time_pair(
-                        baseline, pruned, size, batch, device, args
+                        baseline, pruned, size, batch, device, measure, repeats
                     )
                     rows.append(
                         Row(
@@ -199,28 +215,30 @@ def summary(rows: list[Row]) -> str:
     ref = min(candidates, key=lambda r: abs(r.sparsity - 0.15))
     slower = [r for r in rows if r.latency_ratio > 1.0]
     verdict = "yes" if not slower else f"no ({len(slower)}/{len(rows)} rows slower)"
-    return (
-        f"summary: {size}x{size} batch {batch} {device} at s={ref.sparsity:g}: latency ratio "
-        f"{ref.latency_ratio:.3f}, MACs ratio {ref.macs_ratio:.3f}, latency/MACs ratio "
-        f"{ref.latency_ratio / ref.macs_ratio:.3f}; pruned never slower: {verdict}"
+    case = f"{size}x{size} batch {batch} {device} at s={ref.sparsity:g}"
+    ratios = (
+        f"latency ratio {ref.latency_ratio:.3f}, MACs ratio {ref.macs_ratio:.3f}, "
+        f"latency/MACs ratio {ref.latency_ratio / ref.macs_ratio:.3f}"
     )
+    return f"summary: {case}: {ratios}; pruned never slower: {verdict}"
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     common.quiet_warnings()
+    measure = measure_settings(args)
     print(
-        f"# threads {args.threads}, warmup {args.warmup}, ratios are pruned / baseline, "
+        f"# threads {measure.threads}, warmup {measure.warmup}, ratios are pruned / baseline, "
         f"times in ms per call; load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs",
         flush=True,
     )
-    rows = run(args)
+    rows = run(args, measure)
     # Other processes on the machine distort CPU timings the most: say how busy it was.
     print(f"# load average at the end {os.getloadavg()[0]:.2f}")
     print(summary(rows))
     if args.json is not None:
         records = [asdict(row) | {"latency_ratio": row.latency_ratio} for row in rows]
-        report = {"args": vars(args), "rows": records}
+        report = {"args": vars(args), "measure": asdict(measure), "rows": records}
         args.json.write_text(json.dumps(report, indent=2, default=str))
 
 

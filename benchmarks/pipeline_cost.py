@@ -57,8 +57,8 @@ def child(stage: str, impl: str, size: int, args: argparse.Namespace) -> dict:
     common.quiet_warnings()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    # Both implementations load the settings, so both children import the same modules and
-    # their fixed memory cost is the same; only the stage itself differs.
+    # Both children import _common (with the project's stage modules) and compose the settings,
+    # so their fixed memory cost is the same; only the stage itself differs.
     # The same pruning problem on both sides, solved two ways: NNI's own channel counts and
     # statistics (which channels NNI removes decides the widths where depthwise convs are
     # pruned on their own, so other statistics would give another architecture).

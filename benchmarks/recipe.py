@@ -65,9 +65,8 @@ def run_one(args: argparse.Namespace, sparsity: float, recipe: str) -> dict:
         *RECIPES[recipe],
         *args.overrides,
     ]
-    record = run(
-        common.compose_config(overrides), args.output_root / "runs" / f"{recipe}-{sparsity:g}"
-    )
+    run_dir = args.output_root / "runs" / f"{recipe}-{sparsity:g}"
+    record = run(common.project_settings(overrides), run_dir)
     base, pruned = record["baseline"], record["pruned"]
     return {
         "sparsity": sparsity,

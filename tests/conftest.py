@@ -8,11 +8,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+import torch
 from omegaconf import DictConfig, open_dict
 
+from pipeline.config import compose, settings_from
+from pipeline.data import Loaders, StageInputs, digits, make_loaders
+from pipeline.schema import RunSettings
+
 ROOT = Path(__file__).resolve().parents[1]
-CONF_DIR = ROOT / "conf"
 
 # A few batches of small images, one epoch each, short timing loops: seconds, not minutes.
 TINY = [
@@ -22,7 +25,9 @@ TINY = [
     "finetune.epochs=1",
     "finetune.batch_size=16",
     "pruner.training_steps=2",
+    "pruner.batch_size=16",
     "pruner.iterations=2",  # the default 4 steps cost 4 speedups; 2 still go through the loop
+    "pruner.recalibration_batches=2",
     "measure.warmup=1",
     "measure.repeats=3",
     "measure.throughput_batch_size=4",
@@ -31,8 +36,7 @@ TINY = [
 
 
 def make_config(tmp_path: Path, *overrides: str) -> DictConfig:
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[*TINY, *overrides])
+    cfg = compose([*TINY, *overrides])
     with open_dict(cfg):
         cfg.paths.output_root = str(tmp_path / "outputs")
         cfg.paths.cache_dir = str(tmp_path / "outputs" / "cache")
@@ -50,37 +54,40 @@ def no_leaked_tracking_uri():
 
 @pytest.fixture
 def tiny_config(tmp_path):
+    """The composed (untyped) config, as the command line and the tracker see it."""
     return lambda *overrides: make_config(tmp_path, *overrides)
 
 
-def prune_digits_model(pruner_settings, sparsity: float, seed: int = 0):
-    """Prune a freshly initialised digits MobileNetV2 with the project's prune stage.
-
-    The result's model has the original layer shapes with the pruned channels masked."""
-    import torch
-
-    from pipeline.data import digits
-    from pipeline.models import mobilenet_v2
-    from pipeline.stages.prune import prune
-
-    splits = digits(10, 32, 0.1, 0.2, seed=seed)
-    torch.manual_seed(seed)
-    loader = torch.utils.data.DataLoader(splits.train, batch_size=16)
-    return prune(
-        mobilenet_v2(num_classes=10),
-        pruner_settings,
-        sparsity,
-        loader,
-        torch.nn.CrossEntropyLoss(),
-        torch.device("cpu"),
-        splits.input_shape,
-    )
+@pytest.fixture
+def tiny(tmp_path):
+    """The typed settings a run takes."""
+    return lambda *overrides: settings_from(make_config(tmp_path, *overrides))
 
 
 DIGITS_SHAPE = (3, 32, 32)
 
 
-def run_cli(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+def digits_inputs(batch_size: int = 16, seed: int = 0, max_batches: int | None = None):
+    """Stage inputs on the digits data, on the CPU."""
+    splits = digits(10, 32, 0.1, 0.2, seed=seed)
+    loaders: Loaders = make_loaders(splits, batch_size, seed, max_batches=max_batches)
+    return StageInputs(loaders, torch.nn.CrossEntropyLoss(), torch.device("cpu"), DIGITS_SHAPE)
+
+
+def prune_digits_model(settings: RunSettings, sparsity: float, seed: int = 0, model=None):
+    """Prune a freshly initialised digits MobileNetV2 with the project's prune stage (one step).
+
+    The result's model has the original layer shapes with the pruned channels masked."""
+    from pipeline.models import mobilenet_v2
+    from pipeline.stages.prune import prune
+
+    inputs = digits_inputs(seed=seed)
+    torch.manual_seed(seed)
+    model = model if model is not None else mobilenet_v2(num_classes=10)
+    return prune(model, inputs, settings.pruner, sparsity)
+
+
+def run_cli(*args: str, cwd: Path, timeout: int = 600, **popen) -> subprocess.CompletedProcess:
     """Run `python -m pipeline` as a user would, in `cwd`."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run(
@@ -90,4 +97,5 @@ def run_cli(*args: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedPr
         capture_output=True,
         text=True,
         timeout=timeout,
+        **popen,
     )

@@ -6,8 +6,7 @@ import torch
 from conftest import prune_digits_model
 from pipeline import load_pruned, save_pruned
 from pipeline.models import mobilenet_v2
-from pipeline.run import load_settings
-from pipeline.stages.speedup import speedup
+from pipeline.nni_adapter import speedup
 
 MODEL_CONFIG = {"_target_": "pipeline.models.mobilenet_v2", "num_classes": 10, "weights": "none"}
 
@@ -21,9 +20,9 @@ assert "nni" not in sys.modules, "load_pruned imported NNI"
 """
 
 
-def test_pruned_model_reloads_in_a_fresh_process_with_the_same_outputs(tiny_config, tmp_path):
-    settings = load_settings(tiny_config("sparsity=0.3"))
-    result = prune_digits_model(settings.pruner, 0.3)
+def test_pruned_model_reloads_in_a_fresh_process_with_the_same_outputs(tiny, tmp_path):
+    settings = tiny("sparsity=0.3")
+    result = prune_digits_model(settings, 0.3)
     pruned = speedup(result.model, result.masks, (3, 32, 32), 8).eval()
     directory = save_pruned(pruned, MODEL_CONFIG, tmp_path / "pruned_model")
 

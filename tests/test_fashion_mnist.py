@@ -54,7 +54,7 @@ def test_missing_files_name_the_debian_package(tmp_path):
         fashion_mnist(str(tmp_path), 10, 32, 0.1, None, seed=0)
 
 
-def test_pipeline_runs_on_fashion_mnist_files(tiny_config, tmp_path):
+def test_pipeline_runs_on_fashion_mnist_files(tiny, tmp_path):
     root = make_fashion_files(tmp_path / "fm")
-    record = run(tiny_config("dataset=fashion_mnist", f"dataset.root={root}"), tmp_path / "run")
+    record = run(tiny("dataset=fashion_mnist", f"dataset.root={root}"), tmp_path / "run")
     assert record["pruned"]["params"] < record["baseline"]["params"]

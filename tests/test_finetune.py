@@ -1,7 +1,6 @@
 import torch
 
-from pipeline.stages.finetune import lr_schedule
-from pipeline.training import Distillation
+from pipeline.training import Distillation, lr_schedule
 
 
 def test_distillation_with_alpha_zero_is_the_task_loss():
@@ -39,19 +38,18 @@ def test_warmup_then_cosine_schedule():
     assert lr_schedule(optimizer, 5, "constant", 0) is None
 
 
-def test_recipes_compose(tiny_config):
-    from pipeline.run import load_settings
+def test_recipes_compose(tiny):
 
-    settings = load_settings(tiny_config("finetune=reference"))
+    settings = tiny("finetune=reference")
     assert settings.finetune.distill is None
     assert settings.finetune.schedule == "constant"
-    default = load_settings(tiny_config())
+    default = tiny()
     assert default.finetune.distill is None and default.finetune.schedule == "cosine"
-    distill = load_settings(tiny_config("finetune=distill"))
+    distill = tiny("finetune=distill")
     assert distill.finetune.distill.alpha == 0.5 and distill.finetune.schedule == "cosine"
 
 
-def test_distillation_run_learns_from_the_baseline(tiny_config, tmp_path, monkeypatch):
+def test_distillation_run_learns_from_the_baseline(tiny, tmp_path, monkeypatch):
     import pipeline.training as training
     from pipeline.run import run
 
@@ -63,6 +61,6 @@ def test_distillation_run_learns_from_the_baseline(tiny_config, tmp_path, monkey
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(training.Distillation, "loss", counted)
-    record = run(tiny_config("finetune=distill"), tmp_path / "run")
+    record = run(tiny("finetune=distill"), tmp_path / "run")
     assert calls, "fine-tuning never used the distillation loss"
     assert sum(p.numel() for p in calls[0].parameters()) == record["baseline"]["params"]

@@ -2,7 +2,6 @@ import pytest
 import torch
 
 from pipeline.inference import inference_model
-from pipeline.latency import measure_latency
 from pipeline.models import mobilenet_v2
 
 
@@ -33,9 +32,3 @@ def test_batchnorm_is_folded_and_the_original_kept(trained_looking_model):
     prepared = inference_model(trained_looking_model, (3, 32, 32))
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in prepared.modules())
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in trained_looking_model.modules())
-
-
-def test_latency_stats_are_ordered(trained_looking_model):
-    stats = measure_latency(trained_looking_model, (3, 32, 32), torch.device("cpu"), 2, 1, 5)
-    assert 0 < stats.p50 <= stats.p90 and stats.repeats == 5
-    assert stats.throughput == pytest.approx(2 / (stats.p50 / 1000))

@@ -8,10 +8,10 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from pipeline.config_list import resolve_config_list, step_sparsity
 from pipeline.models import mobilenet_v2
+from pipeline.monitor import StageMonitor
 from pipeline.run import run
-from pipeline.stages.prune import resolve_config_list, step_sparsity
-from pipeline.tracking import Tracker
 from pipeline.training import cycled_batches, recalibrate_batchnorm
 
 
@@ -75,20 +75,20 @@ def test_recalibration_replaces_stale_batchnorm_statistics():
     assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters(), strict=True))
 
 
-def test_a_stage_entered_again_adds_up(tmp_path):
-    tracker = Tracker({}, tmp_path)
-    for _ in range(3):
-        with tracker.stage("prune"):
+def test_a_stage_entered_again_adds_up():
+    with StageMonitor(interval=60.0) as monitor:
+        for _ in range(3):
+            with monitor.stage("prune"):
+                sum(range(10_000))
+        first = monitor.stage_seconds["prune"]["seconds"]
+        with monitor.stage("prune"):
             sum(range(10_000))
-    first = tracker.stage_seconds["prune"]["seconds"]
-    with tracker.stage("prune"):
-        sum(range(10_000))
-    assert tracker.stage_seconds["prune"]["seconds"] > first > 0
+    assert monitor.stage_seconds["prune"]["seconds"] > first > 0
 
 
-def test_iterative_run_prunes_in_steps_and_keeps_every_steps_masks(tiny_config, tmp_path):
-    one_shot = run(tiny_config("pruner.iterations=1"), tmp_path / "one_shot")
-    stepped = run(tiny_config("pruner.iterations=3"), tmp_path / "stepped")
+def test_iterative_run_prunes_in_steps_and_keeps_every_steps_masks(tiny, tmp_path):
+    one_shot = run(tiny("pruner.iterations=1"), tmp_path / "one_shot")
+    stepped = run(tiny("pruner.iterations=3"), tmp_path / "stepped")
 
     steps = stepped["pruning"]["steps"]
     assert [row["step"] for row in steps] == [1, 2, 3]

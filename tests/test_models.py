@@ -1,6 +1,9 @@
+import pytest
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
+from pipeline.config import compose
 from pipeline.export import build_from_config
 from pipeline.model_stats import count_macs, count_params, size_bytes
 from pipeline.models import mobilenet_v2
@@ -13,10 +16,29 @@ def test_reference_mobilenet_v2_has_the_published_parameter_count():
     assert widths == [1024, 512, 128, 37]
 
 
-def test_builder_from_config_matches_direct_call():
-    config = {"_target_": "pipeline.models.mobilenet_v2", "num_classes": 10, "weights": "none"}
-    model = build_from_config(config)
-    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+@pytest.mark.parametrize(
+    ("overrides", "direct"),
+    [
+        ([], {}),
+        (["model.head=[256]", "model.dropout=0.2"], {"head": [256], "dropout": 0.2}),
+    ],
+    ids=["defaults", "head-and-dropout"],
+)
+def test_builder_from_config_matches_direct_call(overrides, direct):
+    config = OmegaConf.to_container(compose(overrides).model, resolve=True)
+    torch.manual_seed(0)
+    from_config = build_from_config(config).eval()
+    torch.manual_seed(0)
+    by_hand = mobilenet_v2(num_classes=10, **direct).eval()
+
+    assert str(from_config) == str(by_hand)  # the same layers, widths and dropout rates
+    built, expected = from_config.state_dict(), by_hand.state_dict()
+    assert {k: v.shape for k, v in built.items()} == {k: v.shape for k, v in expected.items()}
+    for name, tensor in expected.items():
+        assert torch.equal(built[name], tensor), f"{name} differs"
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(from_config(images), by_hand(images), rtol=0, atol=0)
 
 
 def test_stats_of_a_known_layer():
@@ -27,8 +49,6 @@ def test_stats_of_a_known_layer():
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
-    import pytest
-
     from pipeline.errors import WeightsUnavailableError
 
     with pytest.raises(WeightsUnavailableError, match="model.weights=.*no such checkpoint"):

@@ -59,10 +59,10 @@ def test_missing_data_says_where_to_put_it(tmp_path):
         pets(str(tmp_path / "nowhere"), False, "official", 37, 32, 0.1, 0.2, 1234, seed=0)
 
 
-def test_pipeline_runs_on_the_pet_layout(tiny_config, tmp_path):
+def test_pipeline_runs_on_the_pet_layout(tiny, tmp_path):
     root = make_pet_tree(tmp_path / "data")
     record = run(
-        tiny_config("dataset=pets", f"dataset.root={root}", "dataset.image_size=32"),
+        tiny("dataset=pets", f"dataset.root={root}", "dataset.image_size=32"),
         tmp_path / "run",
     )
     assert record["pruned"]["params"] < record["baseline"]["params"]

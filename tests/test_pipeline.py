@@ -6,17 +6,18 @@ import pytest
 import torch
 
 from conftest import DIGITS_SHAPE, prune_digits_model
+from pipeline.data import Loaders, StageInputs
 from pipeline.model_stats import count_params
 from pipeline.models import mobilenet_v2
-from pipeline.run import load_settings, run
+from pipeline.nni_adapter import speedup
+from pipeline.run import run
 from pipeline.stages.prune import prune
-from pipeline.stages.speedup import speedup
 
 REQUIRED = ("accuracy", "top5", "params", "macs", "size_bytes", "latency_ms", "throughput")
 
 
-def test_run_writes_measurements_and_a_smaller_model(tiny_config, tmp_path, capsys):
-    record = run(tiny_config(), tmp_path / "run")
+def test_run_writes_measurements_and_a_smaller_model(tiny, tmp_path, capsys):
+    record = run(tiny(), tmp_path / "run")
 
     saved = json.loads((tmp_path / "run" / "measurements.json").read_text())
     for side in ("baseline", "pruned"):
@@ -26,7 +27,7 @@ def test_run_writes_measurements_and_a_smaller_model(tiny_config, tmp_path, caps
         assert 0.0 <= saved[side]["accuracy"] <= 1.0
     assert set(saved["stages"]) == {"baseline", "prune", "speedup", "finetune", "measure"}
     assert all(stage["seconds"] > 0 for stage in saved["stages"].values())
-    assert saved["config"]["pruner"]["type"] == "mean_rank"
+    assert saved["config"]["pruner"]["_target_"].endswith(".ActivationMeanRankPruner")
     assert saved["pruned"]["params"] < saved["baseline"]["params"]
     assert saved["pruned"]["macs"] < saved["baseline"]["macs"]
     assert record["pruned"]["params"] == saved["pruned"]["params"]
@@ -36,26 +37,38 @@ def test_run_writes_measurements_and_a_smaller_model(tiny_config, tmp_path, caps
     assert "accuracy (top-1)" in out and "params" in out and "latency p50" in out
 
 
-def test_second_run_reuses_the_cached_baseline(tiny_config, tmp_path):
-    first = run(tiny_config(), tmp_path / "first")
-    second = run(tiny_config("sparsity=0.3"), tmp_path / "second")
+def test_without_tracking_the_run_still_records_resources_and_plots(tiny, tmp_path):
+    run(tiny("tracking=none", "tracking.sample_interval_s=0.2"), tmp_path / "run")
+    saved = json.loads((tmp_path / "run" / "measurements.json").read_text())
+    assert set(saved["resources"]) == {"baseline", "prune", "speedup", "finetune", "measure"}
+    for stage, summary in saved["resources"].items():
+        assert summary["peak_rss_mb"] > 100, f"{stage}: {summary}"  # torch alone is larger
+        assert "mean_process_cpu_percent" in summary, stage
+    for plot in ("resource_usage.png", "training_curves.png"):
+        assert (tmp_path / "run" / plot).stat().st_size > 10_000, plot
+    assert not (tmp_path / "outputs" / "mlflow.db").exists()
+
+
+def test_second_run_reuses_the_cached_baseline(tiny, tmp_path):
+    first = run(tiny(), tmp_path / "first")
+    second = run(tiny("sparsity=0.3"), tmp_path / "second")
     assert first["baseline_source"] == "trained"
     assert second["baseline_source"] == "cache"
     assert second["baseline"]["accuracy"] == first["baseline"]["accuracy"]
 
 
-def test_apoz_normal_relu6_completes(tiny_config, tmp_path):
+def test_apoz_normal_relu6_completes(tiny, tmp_path):
     record = run(
-        tiny_config("pruner=apoz", "pruner.mode=normal", "pruner.activation=relu6"),
+        tiny("pruner=apoz", "pruner.mode=normal", "pruner.activation=relu6"),
         tmp_path / "run",
     )
     assert record["pruned"]["params"] < record["baseline"]["params"]
     assert record["config"]["pruner"]["activation"] == "relu6"
 
 
-def test_user_config_list_replaces_the_default(tiny_config, tmp_path):
+def test_user_config_list_replaces_the_default(tiny, tmp_path):
     record = run(
-        tiny_config(
+        tiny(
             "pruner.config_list=[{sparsity_per_layer: 0.5, op_types: [Linear]}]",
             "pruner.iterations=1",
         ),
@@ -68,11 +81,11 @@ def test_user_config_list_replaces_the_default(tiny_config, tmp_path):
     assert record["pruned"]["params"] < record["baseline"]["params"]
 
 
-def test_pruned_parameters_fall_as_sparsity_rises(tiny_config):
-    settings = load_settings(tiny_config())
+def test_pruned_parameters_fall_as_sparsity_rises(tiny):
+    settings = tiny()
     counts = []
     for sparsity in (0.05, 0.15, 0.5):
-        result = prune_digits_model(settings.pruner, sparsity)
+        result = prune_digits_model(settings, sparsity)
         pruned = speedup(result.model, result.masks, DIGITS_SHAPE, settings.pruner.confidence)
         assert pruned(torch.zeros(2, *DIGITS_SHAPE)).shape == (2, 10)
         counts.append(count_params(pruned))
@@ -81,17 +94,17 @@ def test_pruned_parameters_fall_as_sparsity_rises(tiny_config):
 
 
 @pytest.mark.parametrize("mode", ["normal", "dependency_aware"])
-def test_last_layer_keeps_its_outputs(tiny_config, mode):
-    settings = load_settings(tiny_config(f"pruner.mode={mode}"))
-    result = prune_digits_model(settings.pruner, 0.5)
+def test_last_layer_keeps_its_outputs(tiny, mode):
+    settings = tiny(f"pruner.mode={mode}")
+    result = prune_digits_model(settings, 0.5)
     pruned = speedup(result.model, result.masks, DIGITS_SHAPE, 8)
     assert pruned.classifier[-1].out_features == 10
     assert pruned.classifier[-1].in_features < 128
 
 
-def test_round_to_keeps_multiples_and_depthwise_follows(tiny_config):
-    settings = load_settings(tiny_config("pruner.round_to=16"))
-    result = prune_digits_model(settings.pruner, 0.3)
+def test_round_to_keeps_multiples_and_depthwise_follows(tiny):
+    settings = tiny("pruner.round_to=16")
+    result = prune_digits_model(settings, 0.3)
     assert all("sparsity_per_layer" in e or e.get("exclude") for e in result.config_list)
     assert result.masks, "nothing was pruned"
     for name, masks in result.masks.items():
@@ -104,8 +117,8 @@ def test_round_to_keeps_multiples_and_depthwise_follows(tiny_config):
     assert pruned(torch.zeros(2, *DIGITS_SHAPE)).shape == (2, 10)
 
 
-def test_sparsity_too_small_to_round_prunes_nothing(tiny_config):
-    settings = load_settings(tiny_config("pruner.round_to=16"))
+def test_sparsity_too_small_to_round_prunes_nothing(tiny):
+    settings = tiny("pruner.round_to=16")
     model = torch.nn.Sequential(
         torch.nn.Conv2d(3, 16, 3),
         torch.nn.ReLU(),
@@ -115,25 +128,24 @@ def test_sparsity_too_small_to_round_prunes_nothing(tiny_config):
     data = torch.utils.data.TensorDataset(
         torch.randn(8, 3, 32, 32), torch.zeros(8, dtype=torch.long)
     )
-    result = prune(
-        model,
-        settings.pruner,
-        0.05,
-        torch.utils.data.DataLoader(data, batch_size=4),
+    loader = torch.utils.data.DataLoader(data, batch_size=4)
+    inputs = StageInputs(
+        Loaders(loader, loader, loader),
         torch.nn.CrossEntropyLoss(),
         torch.device("cpu"),
         (3, 32, 32),
     )
+    result = prune(model, inputs, settings.pruner, 0.05)
     assert result.masks == {}
     assert speedup(result.model, result.masks, (3, 32, 32), 8) is model
 
 
 @pytest.mark.parametrize("statistics", ["activation", "nni"])
-def test_statistics_mode_decides_whether_pruning_trains_the_model(tiny_config, statistics):
-    settings = load_settings(tiny_config(f"pruner.statistics={statistics}"))
+def test_statistics_mode_decides_whether_pruning_trains_the_model(tiny, statistics):
+    settings = tiny(f"pruner.statistics={statistics}")
     torch.manual_seed(0)
     before = {k: v.clone() for k, v in mobilenet_v2(num_classes=10).state_dict().items()}
-    result = prune_digits_model(settings.pruner, 0.3)
+    result = prune_digits_model(settings, 0.3)
     after = result.model.state_dict()
     unchanged = all(torch.equal(before[k], after[k]) for k in before)
     # activation: forward passes only, on a BatchNorm-folded copy; nni: NNI's evaluator trains.

@@ -1,17 +1,20 @@
 import pytest
 
-from pipeline.__main__ import check_group_choices
+from pipeline.config import check_command_line
 from pipeline.errors import ConfigError
-from pipeline.run import load_settings
 
 
 @pytest.mark.parametrize(
     ("override", "expected"),
     [
+        ("pruner=magnitude", "pruner='magnitude' is not allowed; allowed values: apoz, mean_rank"),
         (
-            "pruner.type=magnitude",
-            "pruner.type='magnitude' is not allowed; allowed values: apoz, mean_rank",
+            "pruner.lrr=0.1",
+            "pruner.lrr is not a setting; allowed keys: _target_, mode, activation, training_steps,"
+            " batch_size, statistics, lr, config_list, exclude_last_layer, confidence,"
+            " pruning_on_cuda, round_to, iterations, recalibration_batches, trace_input_size",
         ),
+        ("baseline.epochs=x", "baseline.epochs='x' is not allowed; allowed values: an integer"),
         (
             "pruner.mode=greedy",
             "pruner.mode='greedy' is not allowed; allowed values: normal, dependency_aware",
@@ -21,7 +24,7 @@ from pipeline.run import load_settings
             "pruner.activation='tanh' is not allowed; allowed values: relu, relu6, gelu",
         ),
         ("sparsity=1.2", "sparsity=1.2 is not allowed; allowed values: a number in (0, 1)"),
-        ("sparsity=0", "sparsity=0 is not allowed; allowed values: a number in (0, 1)"),
+        ("sparsity=0", "sparsity=0.0 is not allowed; allowed values: a number in (0, 1)"),
         (
             "pruner.confidence=1",
             "pruner.confidence=1 is not allowed; allowed values: an integer > 1",
@@ -37,35 +40,41 @@ from pipeline.run import load_settings
         ),
     ],
 )
-def test_bad_settings_fail_with_one_line_naming_key_and_allowed_values(
-    tiny_config, override, expected
-):
+def test_bad_settings_fail_with_one_line_naming_key_and_allowed_values(tiny, override, expected):
     with pytest.raises(ConfigError) as caught:
-        load_settings(tiny_config(override))
+        tiny(override)
     assert str(caught.value) == expected
 
 
-def test_good_settings_come_back_typed(tiny_config):
-    settings = load_settings(tiny_config("pruner=apoz", "pruner.activation=relu6", "sparsity=0.3"))
-    assert settings.pruner.type == "apoz"
+def test_good_settings_come_back_typed(tiny):
+    settings = tiny("pruner=apoz", "pruner.activation=relu6", "sparsity=0.3")
+    assert settings.pruner._target_.endswith(".ActivationAPoZRankPruner")
     assert settings.pruner.activation == "relu6"
     assert settings.sparsity == 0.3
     assert settings.finetune.epochs == 1
 
 
-def test_unknown_group_choice_is_rejected_before_composition():
+def test_every_job_of_a_command_line_is_checked_before_any_runs():
     with pytest.raises(
         ConfigError, match=r"pruner='magnitude' is not allowed; allowed values: apoz, mean_rank$"
     ):
-        check_group_choices(["pruner=magnitude"])
+        check_command_line(["pruner=magnitude"])
     with pytest.raises(ConfigError, match="dataset='mnist'"):
-        check_group_choices(["-m", "dataset=digits,mnist"])
-    check_group_choices(["pruner=apoz", "sparsity=0.3", "experiment=null"])
+        check_command_line(["-m", "dataset=digits,mnist"])
+    # The second value of a sweep is checked too, not only the first job's.
+    with pytest.raises(ConfigError, match=r"sparsity=1.5 is not allowed"):
+        check_command_line(["-m", "sparsity=0.1,1.5"])
+    with pytest.raises(ConfigError, match=r"sparsity=1.0 is not allowed"):
+        check_command_line(["-m", "sparsity=range(0.5,1.1,0.5)"])
+    check_command_line(["pruner=apoz", "sparsity=0.3", "--cfg", "job"])
+    check_command_line(
+        ["-m", "sparsity=0.05,0.15", "pruner=apoz,mean_rank", "hydra.job.chdir=false"]
+    )
 
 
 @pytest.mark.parametrize("experiment", ["pets_reference", "fashion_mnist"])
-def test_experiment_presets_compose_and_validate(tiny_config, experiment):
-    settings = load_settings(tiny_config(f"experiment={experiment}"))
+def test_experiment_presets_compose_and_validate(tiny, experiment):
+    settings = tiny(f"experiment={experiment}")
     assert settings.dataset["num_classes"] in (10, 37)
     if experiment == "pets_reference":
         assert settings.dataset["split"] == "reference"

@@ -17,6 +17,7 @@ import torch
 from mlflow import MlflowClient
 
 from conftest import ROOT, TINY, run_cli
+from pipeline.config import settings_from
 from pipeline.tracking import tracked_run
 
 EXPERIMENT = "pruning"
@@ -49,7 +50,10 @@ def test_sweep_gives_a_parent_and_finished_children(sweep_store):
     assert set(children["tags.mlflow.parentRunId"]) == {parent["run_id"]}
     assert set(children["status"]) == {"FINISHED"}
     assert sorted(children["params.sparsity"]) == ["0.05", "0.15"]
-    assert set(children["params.pruner.type"]) == {"mean_rank"}
+    assert set(children["tags.choice.pruner"]) == {"mean_rank"}
+    assert set(children["params.pruner._target_"]) == {
+        "nni.compression.pytorch.pruning.ActivationMeanRankPruner"
+    }
     # Params hold resolved values, not interpolations.
     assert set(children["params.model.num_classes"]) == {"10"}
     for metric in ("pruned.accuracy", "pruned.params", "pruned.latency_p50_ms"):
@@ -69,7 +73,7 @@ def test_sweep_gives_a_parent_and_finished_children(sweep_store):
         assert [p.step for p in steps] == [1, 2]  # pruner.iterations=2 in the tiny config
         assert steps[0].value > steps[1].value
         artifacts = {a.path for a in client.list_artifacts(run_id)}
-        assert {"config.yaml", "measurements.json", "pruned_model", "__main__.log"} <= artifacts
+        assert {"config.yaml", "measurements.json", "pruned_model", "pipeline.log"} <= artifacts
         assert {"training_curves.png", "resource_usage.png"} <= artifacts
         tags = client.get_run(run_id).data.tags
         assert tags["stage.measure"] == "finished"
@@ -78,15 +82,15 @@ def test_sweep_gives_a_parent_and_finished_children(sweep_store):
 
 def test_a_stage_that_raises_leaves_a_failed_run_with_the_error(tiny_config, tmp_path, monkeypatch):
     import pipeline.run as pipeline_run
-    import pipeline.stages.iterative as iterative
+    import pipeline.stages.speedup as speedup_stage
 
     def broken_speedup(*args, **kwargs):
         raise RuntimeError("speedup exploded")
 
-    monkeypatch.setattr(iterative, "speedup", broken_speedup)
+    monkeypatch.setattr(speedup_stage, "nni_speedup", broken_speedup)
     cfg = tiny_config()
     with pytest.raises(RuntimeError), tracked_run(cfg, "broken") as tracker:
-        pipeline_run.run(cfg, tmp_path / "run", tracker)
+        pipeline_run.run(settings_from(cfg), tmp_path / "run", tracker)
 
     run = only_run(Path(cfg.paths.output_root))
     assert run.info.status == "FAILED"
@@ -121,7 +125,7 @@ def test_bad_input_leaves_a_failed_run(tmp_path, override, message):
 def test_tracking_none_writes_no_store(tiny_config, tmp_path):
     cfg = tiny_config("tracking=none")
     with tracked_run(cfg) as tracker:
-        assert not tracker.enabled
+        tracker.log_metrics({"anything": 1.0})
     assert not (Path(cfg.paths.output_root) / "mlflow.db").exists()
 
 
@@ -254,7 +258,7 @@ def test_cuda_run_logs_gpu_utilisation_and_memory_series(tiny_config, tmp_path):
 
     cfg = tiny_config("device=cuda", "pruner.pruning_on_cuda=true")
     with tracked_run(cfg, "gpu") as tracker:
-        record = pipeline_run.run(cfg, tmp_path / "run", tracker)
+        record = pipeline_run.run(settings_from(cfg), tmp_path / "run", tracker)
     assert record["device"] == "cuda" and record["pruning"]["device"] == "cuda"
     run = only_run(Path(cfg.paths.output_root))
     client = MlflowClient(store_uri(Path(cfg.paths.output_root)))

@@ -1,16 +1,16 @@
-"""Content-addressed cache of trained baselines, written atomically so that concurrent sweep
-jobs never read a half-written file."""
+"""Content-addressed cache of trained baselines; files are written atomically, so that
+concurrent sweep jobs never read a half-written one."""
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from pipeline.files import atomic_path
 
 
 def cache_key(*parts: object) -> str:
@@ -20,17 +20,9 @@ def cache_key(*parts: object) -> str:
 
 
 def save_weights(state_dict: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    """Write a safetensors file via a temporary file in the same folder and an atomic rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {name: t.detach().cpu().contiguous() for name, t in state_dict.items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as staging:
+        save_file(tensors, staging, metadata=metadata)
 
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:

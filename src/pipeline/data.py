@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import gzip
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
@@ -36,22 +37,55 @@ class DataSplits:
 
 @dataclass
 class Loaders:
-    train: DataLoader
-    val: DataLoader
-    test: DataLoader
+    train: Iterable
+    val: Iterable
+    test: Iterable
 
 
-def make_loaders(splits: DataSplits, batch_size: int, seed: int, num_workers: int = 0) -> Loaders:
-    """Shuffled training loader with a seeded order; evaluation loaders in dataset order."""
+@dataclass
+class StageInputs:
+    """What a stage reads besides its model and settings."""
+
+    loaders: Loaders
+    criterion: Callable
+    device: torch.device
+    input_shape: tuple[int, int, int]
+
+
+class FirstBatches:
+    """The first `count` batches of a loader, for every pass over it; `len` and `batch_size`
+    answer as a DataLoader's would. Tests cap every loop this way in one place."""
+
+    def __init__(self, loader: DataLoader, count: int) -> None:
+        self.loader, self.count = loader, count
+        self.batch_size = loader.batch_size
+
+    def __iter__(self) -> Iterator:
+        return islice(iter(self.loader), self.count)
+
+    def __len__(self) -> int:
+        return min(len(self.loader), self.count)
+
+
+def make_loaders(
+    splits: DataSplits,
+    batch_size: int,
+    seed: int,
+    num_workers: int = 0,
+    max_batches: int | None = None,
+) -> Loaders:
+    """Shuffled training loader with a seeded order; evaluation loaders in dataset order; with
+    `max_batches`, each yields at most that many batches per pass."""
     generator = torch.Generator().manual_seed(seed)
     common = {"batch_size": batch_size, "num_workers": num_workers}
-    return Loaders(
-        train=DataLoader(
-            splits.train, shuffle=True, generator=generator, drop_last=False, **common
-        ),
-        val=DataLoader(splits.val, shuffle=False, **common),
-        test=DataLoader(splits.test, shuffle=False, **common),
-    )
+    loaders = [
+        DataLoader(splits.train, shuffle=True, generator=generator, drop_last=False, **common),
+        DataLoader(splits.val, shuffle=False, **common),
+        DataLoader(splits.test, shuffle=False, **common),
+    ]
+    if max_batches is not None:
+        loaders = [FirstBatches(loader, max_batches) for loader in loaders]
+    return Loaders(*loaders)
 
 
 def stratified_indices(

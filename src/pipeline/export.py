@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from pipeline.files import atomic_path
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
@@ -92,17 +91,9 @@ def save_pruned(model: nn.Module, model_config: dict[str, Any], directory: str |
     config = dict(model_config) | {"weights": "none"}
     record = describe(model, config)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}."))
-    try:
+    with atomic_path(directory, directory=True) as staging:
         save_file(tensors, staging / WEIGHTS_FILE, metadata={"format": str(FORMAT_VERSION)})
         (staging / ARCHITECTURE_FILE).write_text(json.dumps(record, indent=2))
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(staging, directory)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return directory
 
 

@@ -54,6 +54,54 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
+def stats_of(times_ms: list[float], batch_size: int) -> LatencyStats:
+    return LatencyStats(
+        p50=percentile(times_ms, 0.5),
+        p90=percentile(times_ms, 0.9),
+        mean=statistics.fmean(times_ms),
+        stdev=statistics.stdev(times_ms) if len(times_ms) > 1 else 0.0,
+        repeats=len(times_ms),
+        batch_size=batch_size,
+    )
+
+
+class CallTimer:
+    """Milliseconds of one forward pass of `model` on a fixed random batch: CUDA events around
+    the call on a GPU, the wall clock on the CPU."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        input_shape: tuple[int, ...],
+        device: torch.device,
+        batch_size: int,
+        channels_last: bool,
+    ) -> None:
+        self.model = model.eval().to(device)
+        self.batch = torch.randn(batch_size, *input_shape, device=device)
+        if channels_last:
+            self.batch = self.batch.contiguous(memory_format=torch.channels_last)
+        self.device = device
+
+    def __call__(self) -> float:
+        if self.device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            self.model(self.batch)
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end)
+        began = time.perf_counter()
+        self.model(self.batch)
+        return (time.perf_counter() - began) * 1000.0
+
+    def warm_up(self, calls: int) -> None:
+        for _ in range(calls):
+            self.model(self.batch)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
 @torch.inference_mode()
 def measure_latency(
     model: nn.Module,
@@ -66,37 +114,56 @@ def measure_latency(
     channels_last: bool = False,
 ) -> LatencyStats:
     """Time `repeats` forward passes of a random batch after `warmup` untimed ones."""
-    model = model.eval().to(device)
-    batch = torch.randn(batch_size, *input_shape, device=device)
-    if channels_last:
-        batch = batch.contiguous(memory_format=torch.channels_last)
-    cuda = device.type == "cuda"
-    times_ms: list[float] = []
+    timer = CallTimer(model, input_shape, device, batch_size, channels_last)
     with cpu_threads(threads):
-        for _ in range(warmup):
-            model(batch)
-        if cuda:
-            torch.cuda.synchronize(device)
-        for _ in range(repeats):
-            if cuda:
-                start, end = (
-                    torch.cuda.Event(enable_timing=True),
-                    torch.cuda.Event(enable_timing=True),
-                )
-                start.record()
-                model(batch)
-                end.record()
-                end.synchronize()
-                times_ms.append(start.elapsed_time(end))
-            else:
-                began = time.perf_counter()
-                model(batch)
-                times_ms.append((time.perf_counter() - began) * 1000.0)
-    return LatencyStats(
-        p50=percentile(times_ms, 0.5),
-        p90=percentile(times_ms, 0.9),
-        mean=statistics.fmean(times_ms),
-        stdev=statistics.stdev(times_ms) if len(times_ms) > 1 else 0.0,
-        repeats=repeats,
-        batch_size=batch_size,
+        timer.warm_up(warmup)
+        times_ms = [timer() for _ in range(repeats)]
+    return stats_of(times_ms, batch_size)
+
+
+@dataclass
+class PairedLatency:
+    baseline: LatencyStats
+    pruned: LatencyStats
+    baseline_rounds: list[list[float]]  # milliseconds per call, round by round
+    pruned_rounds: list[list[float]]
+
+
+@torch.inference_mode()
+def measure_latency_pair(
+    baseline: nn.Module,
+    pruned: nn.Module,
+    input_shape: tuple[int, ...],
+    device: torch.device,
+    batch_size: int = 1,
+    warmup: int = 10,
+    repeats: int = 50,
+    rounds: int = 10,
+    threads: int | None = None,
+    channels_last: bool = False,
+) -> PairedLatency:
+    """Time two models in alternating rounds in this process and thread pool: each round
+    times ceil(repeats / rounds) calls of one model, then as many of the other, and the next
+    round starts with the other model. Both are warmed up first. Load that comes and goes then
+    lands on both models of a round, and the per-round ratios (pipeline.uncertainty) show how
+    much it moved them."""
+    timers = {
+        "baseline": CallTimer(baseline, input_shape, device, batch_size, channels_last),
+        "pruned": CallTimer(pruned, input_shape, device, batch_size, channels_last),
+    }
+    per_round = max(1, -(-repeats // rounds))
+    times: dict[str, list[list[float]]] = {"baseline": [], "pruned": []}
+    with cpu_threads(threads):
+        for timer in timers.values():
+            timer.warm_up(warmup)
+        for index in range(rounds):
+            order = ("baseline", "pruned") if index % 2 == 0 else ("pruned", "baseline")
+            for name in order:
+                times[name].append([timers[name]() for _ in range(per_round)])
+    flat = {name: [t for chunk in chunks for t in chunk] for name, chunks in times.items()}
+    return PairedLatency(
+        stats_of(flat["baseline"], batch_size),
+        stats_of(flat["pruned"], batch_size),
+        times["baseline"],
+        times["pruned"],
     )

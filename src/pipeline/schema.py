@@ -1,25 +1,20 @@
-"""Typed schema of the run configuration, checked before any work starts.
+"""Typed schema of the run configuration, registered with Hydra's ConfigStore.
 
-The YAML files under conf/ stay free-form so that Hydra composes them without surprises; this
-module merges the composed config into typed dataclasses and adds the range checks that types
-cannot express. Every failure becomes one ``ConfigError`` line naming the key and what is allowed.
+conf/config.yaml names `config_schema` first in its defaults list, so Hydra merges every YAML
+file and every command-line override into these dataclasses while it composes: a misspelt key or
+a value of the wrong type fails at composition, before any work. Defaults live in the YAML files
+(one home for each value), so no field here has one. Range checks that types cannot express are
+in pipeline.config.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
-
-from pipeline.errors import ConfigError
-
-
-class PrunerType(str, Enum):
-    apoz = "apoz"
-    mean_rank = "mean_rank"
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
 
 
 class PruningMode(str, Enum):
@@ -33,14 +28,19 @@ class Activation(str, Enum):
     gelu = "gelu"
 
 
-class Runtime(str, Enum):
-    eager = "eager"
-    jit_freeze = "jit_freeze"
-
-
 class Statistics(str, Enum):
     activation = "activation"
     nni = "nni"
+
+
+class Schedule(str, Enum):
+    constant = "constant"
+    cosine = "cosine"
+
+
+class Runtime(str, Enum):
+    eager = "eager"
+    jit_freeze = "jit_freeze"
 
 
 class DeviceChoice(str, Enum):
@@ -50,147 +50,101 @@ class DeviceChoice(str, Enum):
 
 
 @dataclass
-class PrunerSchema:
-    type: PrunerType
-    mode: PruningMode
-    activation: Activation
-    training_steps: int
-    lr: float
-    config_list: Any
-    exclude_last_layer: bool
-    confidence: int
-    pruning_on_cuda: bool
-    round_to: int | None
-    trace_input_size: int | None
-    statistics: Statistics
-    iterations: int
-    recalibration_batches: int
-
-
-class Schedule(str, Enum):
-    constant = "constant"
-    cosine = "cosine"
+class PrunerSettings:
+    # The NNI pruner class (ActivationMeanRankPruner, ...); conf/pruner/<name>.yaml sets it.
+    _target_: str = MISSING
+    mode: PruningMode = MISSING
+    activation: Activation = MISSING
+    training_steps: int = MISSING
+    batch_size: int = MISSING  # of the batches that rank channels and re-estimate BatchNorm
+    statistics: Statistics = MISSING
+    lr: float = MISSING
+    config_list: Any = MISSING
+    exclude_last_layer: bool = MISSING
+    confidence: int = MISSING
+    pruning_on_cuda: bool = MISSING
+    round_to: int | None = MISSING
+    iterations: int = MISSING
+    recalibration_batches: int = MISSING
+    trace_input_size: int | None = MISSING
 
 
 @dataclass
-class DistillSchema:
-    alpha: float
-    temperature: float
+class TrainingSettings:
+    """What the one training loop (pipeline.training.fit) needs; baseline, finetune add theirs."""
+
+    epochs: int = MISSING
+    batch_size: int = MISSING
+    lr: float = MISSING  # the peak rate
+    optimizer: Any = MISSING  # a _partial_ _target_ node, called with (parameters, lr=lr)
+    schedule: Schedule = MISSING
+    warmup_epochs: int = MISSING
 
 
 @dataclass
-class FinetuneSchema:
-    epochs: int
-    batch_size: int
-    lr: float
-    criterion: Any
-    optimizer: Any
-    schedule: Schedule
-    warmup_epochs: int
-    distill: DistillSchema | None
+class BaselineSettings(TrainingSettings):
+    checkpoint: str | None = MISSING
+    cache: bool = MISSING
 
 
 @dataclass
-class BaselineSchema:
-    checkpoint: str | None
-    epochs: int
-    lr: float
-    batch_size: int
-    cache: bool
-    optimizer: Any
+class DistillSettings:
+    alpha: float = MISSING
+    temperature: float = MISSING
 
 
 @dataclass
-class MeasureSchema:
-    warmup: int
-    repeats: int
-    throughput_batch_size: int
-    throughput_repeats: int
-    threads: int | None
-    onnx: bool
-    runtime: Runtime
-    fold_bn: bool
-    channels_last: bool
+class FinetuneSettings(TrainingSettings):
+    distill: DistillSettings | None = MISSING
 
 
 @dataclass
-class RunSchema:
-    model: Any
-    dataset: Any
-    pruner: PrunerSchema
-    finetune: FinetuneSchema
-    baseline: BaselineSchema
-    measure: MeasureSchema
-    seed: int
-    sparsity: float
-    device: DeviceChoice
-    max_batches: int | None
-    num_workers: int
-    paths: Any
+class MeasureSettings:
+    warmup: int = MISSING
+    repeats: int = MISSING
+    throughput_batch_size: int = MISSING
+    throughput_repeats: int = MISSING
+    threads: int | None = MISSING
+    onnx: bool = MISSING
+    runtime: Runtime = MISSING
+    fold_bn: bool = MISSING
+    channels_last: bool = MISSING
 
 
-_ALLOWED = {
-    "pruner.type": PrunerType,
-    "pruner.mode": PruningMode,
-    "pruner.activation": Activation,
-    "device": DeviceChoice,
-    "measure.runtime": Runtime,
-    "finetune.schedule": Schedule,
-    "pruner.statistics": Statistics,
-}
+@dataclass
+class TrackingSettings:
+    enabled: bool = MISSING
+    uri: str | None = MISSING
+    experiment: str = MISSING
+    sample_interval_s: float = MISSING
+    system_metrics: bool = MISSING
 
 
-def _one_line(error: OmegaConfBaseException) -> str:
-    key = getattr(error, "full_key", None) or "?"
-    value = getattr(error, "value", None)
-    if key in _ALLOWED:
-        allowed = ", ".join(member.value for member in _ALLOWED[key])
-        return f"{key}={value!r} is not allowed; allowed values: {allowed}"
-    message = str(error).splitlines()[0]
-    return f"{key}: {message}"
+@dataclass
+class PathSettings:
+    output_root: str = MISSING
+    cache_dir: str = MISSING
 
 
-def validate(cfg: DictConfig) -> None:
-    """Raise ConfigError with one line naming the key if any setting is invalid."""
-    plain = OmegaConf.to_container(cfg, resolve=False)
-    # Sections outside the schema (tracking, ...) are checked by the modules that own them.
-    known = set(RunSchema.__dataclass_fields__)
-    typed_part = {key: value for key, value in plain.items() if key in known}
-    try:
-        typed = OmegaConf.merge(OmegaConf.structured(RunSchema), typed_part)
-        OmegaConf.resolve(typed)
-    except OmegaConfBaseException as error:
-        raise ConfigError(_one_line(error)) from None
-
-    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
-    checks = [
-        ("sparsity", lambda v: number(v) and 0 < v < 1, "a number in (0, 1)"),
-        ("pruner.confidence", lambda v: v > 1, "an integer > 1"),
-        ("pruner.training_steps", lambda v: v >= 1, "an integer >= 1"),
-        ("pruner.iterations", lambda v: v >= 1, "an integer >= 1"),
-        ("pruner.recalibration_batches", lambda v: v >= 0, "an integer >= 0"),
-        ("pruner.round_to", lambda v: v is None or v >= 1, "null or an integer >= 1"),
-        ("pruner.trace_input_size", lambda v: v is None or v >= 8, "null or an integer >= 8"),
-        ("finetune.batch_size", lambda v: v >= 1, "an integer >= 1"),
-        ("baseline.batch_size", lambda v: v >= 1, "an integer >= 1"),
-        ("measure.repeats", lambda v: v >= 1, "an integer >= 1"),
-        ("finetune.epochs", lambda v: v >= 0, "an integer >= 0"),
-        ("finetune.warmup_epochs", lambda v: v >= 0, "an integer >= 0"),
-        ("finetune.distill.alpha", lambda v: v is None or 0 <= v <= 1, "a number in [0, 1]"),
-        ("finetune.distill.temperature", lambda v: v is None or v > 0, "a number > 0"),
-        ("baseline.epochs", lambda v: v >= 0, "an integer >= 0"),
-        ("measure.warmup", lambda v: v >= 0, "an integer >= 0"),
-        ("dataset.val_fraction", lambda v: v is None or 0 <= v < 1, "a number in [0, 1)"),
-        ("dataset.test_fraction", lambda v: v is None or 0 < v < 1, "a number in (0, 1)"),
-        ("pruner.config_list", lambda v: v is None or OmegaConf.is_list(v), _CONFIG_LIST_HINT),
-    ]
-    for key, is_allowed, allowed in checks:
-        value = OmegaConf.select(cfg, key)
-        if not is_allowed(value):
-            shown = value if isinstance(value, (int, float, str)) else "<given value>"
-            raise ConfigError(f"{key}={shown!r} is not allowed; allowed values: {allowed}")
+@dataclass
+class RunSettings:
+    # Builders differ in their arguments: free-form `_target_` nodes.
+    model: Any = MISSING
+    dataset: Any = MISSING
+    criterion: Any = MISSING  # the loss every stage trains, ranks and evaluates with
+    pruner: PrunerSettings = field(default_factory=PrunerSettings)
+    baseline: BaselineSettings = field(default_factory=BaselineSettings)
+    finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
+    measure: MeasureSettings = field(default_factory=MeasureSettings)
+    tracking: TrackingSettings = field(default_factory=TrackingSettings)
+    paths: PathSettings = field(default_factory=PathSettings)
+    seed: int = MISSING
+    sparsity: float = MISSING
+    device: DeviceChoice = MISSING
+    max_batches: int | None = MISSING
+    num_workers: int = MISSING
 
 
-_CONFIG_LIST_HINT = (
-    "null or a list of NNI config dicts such as [{sparsity_per_layer: 0.2, op_types: [Conv2d]}]"
-)
+def register() -> None:
+    """Make `config_schema` known to Hydra; conf/config.yaml names it in its defaults list."""
+    ConfigStore.instance().store(name="config_schema", node=RunSettings)

@@ -1,4 +1,5 @@
-"""The one place that talks to MLflow: runs, params, tags, metrics, artifacts and sweep parents.
+"""The one place that talks to MLflow: runs, params, tags, metrics, artifacts and sweep parents,
+behind a small Tracker interface with a do-nothing implementation for tracking=none.
 
 A run is tracked from before validation to the end, so bad input and crashes leave a FAILED run
 (with the error as a tag) and Ctrl-C a KILLED one; a run never stays RUNNING.
@@ -15,15 +16,15 @@ import platform
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.resources import ResourceSampler, Sample
+from pipeline.resources import Sample
 
 log = logging.getLogger(__name__)
 PARENT_RUN_ENV = "PIPELINE_MLFLOW_PARENT_RUN_ID"
@@ -133,31 +134,56 @@ def one_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0] if text else ''}"[:ERROR_TAG_LENGTH]
 
 
-class Tracker:
-    """Stage timing always; MLflow logging when tracking.enabled."""
+class Tracker(Protocol):
+    """What a run tells its tracker; NullTracker ignores it all, MlflowTracker records it."""
 
-    def __init__(self, settings: DictConfig | dict, output_root: str | Path) -> None:
+    def log_params(self, params: dict[str, str]) -> None: ...
+
+    def set_tags(self, tags: dict[str, str]) -> None: ...
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
+
+    def log_sample(self, sample: Sample) -> None: ...
+
+
+class NullTracker:
+    """tracking=none: nothing is recorded beyond the run directory."""
+
+    def log_params(self, params: dict[str, str]) -> None:
+        pass
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        pass
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def log_sample(self, sample: Sample) -> None:
+        pass
+
+
+class MlflowTracker:
+    """One MLflow run: started before the config is checked, so that bad input and crashes
+    leave a FAILED run; ended FINISHED, FAILED or KILLED by tracked_run."""
+
+    def __init__(self, settings: Mapping[str, Any], output_root: str | Path) -> None:
         self.settings = dict(settings)
-        self.enabled = bool(self.settings.get("enabled", False))
         self.output_root = Path(output_root)
-        self.stage_seconds: dict[str, dict[str, float]] = {}
-        self.stage_summaries: dict[str, dict[str, float]] = {}
-        self.sampler: ResourceSampler | None = None
         self.run_id: str | None = None
         self._client = None
         self._sample_step = 0
         self._log_file: Path | None = None
 
-    # -- run lifetime -------------------------------------------------------------------------
-    def start(
-        self, cfg: DictConfig, run_name: str | None = None, log_file: Path | None = None
-    ) -> None:
-        if not self.enabled:
-            return
-        self._log_file = log_file
+    def start(self, params: dict[str, str], run_name: str | None, log_file: Path | None) -> None:
         import mlflow
         from mlflow import MlflowClient
 
+        self._log_file = log_file
         uri = tracking_uri(self.settings.get("uri"), self.output_root)
         mlflow.set_tracking_uri(uri)
         self._client = MlflowClient(uri)
@@ -174,18 +200,13 @@ class Tracker:
             experiment_id=exp_id, run_name=run_name, tags=tags, log_system_metrics=system_metrics
         )
         self.run_id = run.info.run_id
-        self.log_params(flatten(_resolved_or_raw(cfg)))
-        self.sampler = ResourceSampler(
-            interval=float(self.settings["sample_interval_s"]), on_sample=self._log_sample
-        ).start()
+        self.log_params(params)
 
     def finish(self, status: str = "FINISHED", error: BaseException | None = None) -> None:
-        if not self.enabled or self.run_id is None:
+        if self.run_id is None:
             return
         import mlflow
 
-        if self.sampler is not None:
-            self.sampler.stop()
         if error is not None:
             self._client.set_tag(self.run_id, "error", one_line(error))
         if self._log_file is not None:
@@ -194,10 +215,7 @@ class Tracker:
         mlflow.end_run(status=status)
         self.run_id = None
 
-    # -- logging ------------------------------------------------------------------------------
     def log_params(self, params: dict[str, str]) -> None:
-        if not self.enabled:
-            return
         from mlflow.entities import Param
 
         items = [Param(k, v) for k, v in params.items()]
@@ -205,13 +223,10 @@ class Tracker:
             self._client.log_batch(self.run_id, params=items[start : start + 100])
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        if self.enabled:
-            for key, value in tags.items():
-                self._client.set_tag(self.run_id, key, value)
+        for key, value in tags.items():
+            self._client.set_tag(self.run_id, key, value)
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        if not self.enabled:
-            return
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
@@ -224,14 +239,14 @@ class Tracker:
             self._client.log_batch(self.run_id, metrics=batch[start : start + 1000])
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        if not self.enabled or not Path(path).exists():
+        if not Path(path).exists():
             return
         if Path(path).is_dir():
             self._client.log_artifacts(self.run_id, str(path), artifact_path)
         else:
             self._client.log_artifact(self.run_id, str(path), artifact_path)
 
-    def _log_sample(self, sample: Sample) -> None:
+    def log_sample(self, sample: Sample) -> None:
         from mlflow.entities import Metric
 
         stamp = int(sample.time * 1000)
@@ -246,42 +261,19 @@ class Tracker:
         with contextlib.suppress(Exception):  # a lost sample must never stop a run
             self._client.log_batch(self.run_id, metrics=metrics, synchronous=False)
 
-    # -- stages -------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        """Time a stage; when tracking, tag its status and log its duration and resource use."""
-        log.info("stage %s: start", name)
-        self.set_tags({f"stage.{name}": "running"})
-        if self.sampler is not None:
-            self.sampler.begin_stage(name)
-        began = time.perf_counter()
-        status = "failed"
-        try:
-            yield
-            status = "finished"
-        finally:
-            seconds = time.perf_counter() - began
-            log.info("stage %s: %s after %.1f s", name, status, seconds)
-            # A stage entered again (iterative pruning) adds up; the sampler's summary already
-            # covers every visit, as it groups samples by stage name.
-            total = self.stage_seconds.get(name, {}).get("seconds", 0.0) + seconds
-            self.stage_seconds[name] = {"seconds": total}
-            summary = self.sampler.end_stage() if self.sampler is not None else {}
-            self.stage_summaries[name] = summary
-            self.set_tags({f"stage.{name}": status})
-            self.log_metrics(
-                {f"stage.{name}.seconds": total}
-                | {f"stage.{name}.{key}": value for key, value in summary.items()}
-            )
-
 
 @contextlib.contextmanager
 def tracked_run(
     cfg: DictConfig, run_name: str | None = None, log_file: Path | None = None
 ) -> Iterator[Tracker]:
-    """Start a Tracker for `cfg` and end its run FINISHED, FAILED (error tag) or KILLED."""
-    tracker = Tracker(cfg.get("tracking") or {}, cfg.paths.output_root)
-    tracker.start(cfg, run_name, log_file)
+    """A tracker for `cfg` (MLflow unless tracking.enabled is false) whose run ends FINISHED,
+    FAILED (with the error as a tag) or KILLED; the params are the resolved config."""
+    tracking = cfg.get("tracking") or {}
+    if not tracking.get("enabled", False):
+        yield NullTracker()
+        return
+    tracker = MlflowTracker(tracking, cfg.paths.output_root)
+    tracker.start(flatten(_resolved_or_raw(cfg)), run_name, log_file)
     try:
         yield tracker
     except KeyboardInterrupt as error:

@@ -7,12 +7,17 @@ import logging
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from enum import Enum
 from itertools import islice
 
 import torch
+from hydra.utils import instantiate
 from torch import nn
 from torch.nn import functional as F
 from tqdm import tqdm
+
+from pipeline.data import Loaders
+from pipeline.schema import TrainingSettings
 
 log = logging.getLogger(__name__)
 
@@ -53,30 +58,23 @@ class Distillation:
         return (1.0 - self.alpha) * criterion(logits, labels) + self.alpha * t * t * soft
 
 
-def batches(loader: Iterable, max_batches: int | None) -> Iterator:
-    return iter(loader) if max_batches is None else islice(loader, max_batches)
-
-
 def cycled_batches(loader: Iterable, count: int) -> Iterator:
     """Exactly `count` batches, going round a loader shorter than that again (fewer only when
     the loader is empty)."""
     done = 0
     while done < count:
         before = done
-        for batch in batches(loader, count - done):
+        for batch in islice(loader, count - done):
             done += 1
             yield batch
         if done == before:
             return
 
 
-def _progress(loader: Iterable, max_batches: int | None, desc: str):
-    total = len(loader) if hasattr(loader, "__len__") else None
-    if total is not None and max_batches is not None:
-        total = min(total, max_batches)
+def _progress(loader: Iterable, desc: str):
     return tqdm(
-        batches(loader, max_batches),
-        total=total,
+        loader,
+        total=len(loader) if hasattr(loader, "__len__") else None,
         desc=desc,
         leave=False,
         dynamic_ncols=True,
@@ -90,16 +88,15 @@ def train_steps(
     criterion: Callable,
     optimizer: torch.optim.Optimizer,
     device: torch.device,
-    max_batches: int | None = None,
     desc: str = "train",
     distillation: Distillation | None = None,
 ) -> float:
-    """One pass over (at most max_batches of) the loader; returns the mean training loss."""
+    """One pass over the loader; returns the mean training loss."""
     model.train()
     if distillation is not None:
         distillation.teacher.eval()
     total_loss, seen = 0.0, 0
-    bar = _progress(loader, max_batches, desc)
+    bar = _progress(loader, desc)
     for images, labels in bar:
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
@@ -151,13 +148,12 @@ def evaluate(
     loader: Iterable,
     criterion: Callable,
     device: torch.device,
-    max_batches: int | None = None,
     desc: str = "eval",
 ) -> EvalResult:
     model.eval()
     correct1 = correct5 = seen = 0
     total_loss = 0.0
-    for images, labels in _progress(loader, max_batches, desc):
+    for images, labels in _progress(loader, desc):
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         logits = model(images)
         total_loss += criterion(logits, labels).item() * len(labels)
@@ -171,41 +167,53 @@ def evaluate(
     return EvalResult(correct1 / seen, correct5 / seen, total_loss / seen, seen)
 
 
+def lr_schedule(
+    optimizer: torch.optim.Optimizer, epochs: int, schedule: str, warmup_epochs: int
+) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """constant, or linear warm-up then cosine decay, stepped once per epoch."""
+    if schedule == "constant":
+        return None
+
+    def factor(epoch: int) -> float:  # epoch: the number of epochs finished
+        if epoch < warmup_epochs:
+            return (epoch + 1) / (warmup_epochs + 1)
+        progress = (epoch - warmup_epochs) / max(epochs - warmup_epochs, 1)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
 def fit(
     model: nn.Module,
-    train_loader: Iterable,
-    val_loader: Iterable,
+    loaders: Loaders,
     criterion: Callable,
-    optimizer: torch.optim.Optimizer,
-    epochs: int,
+    settings: TrainingSettings,
     device: torch.device,
-    max_batches: int | None = None,
-    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
     desc: str = "train",
     on_epoch: Callable[[dict], None] | None = None,
     distillation: Distillation | None = None,
 ) -> FitResult:
-    """Train for `epochs`, keeping the weights of the epoch with the best validation accuracy."""
+    """Train for settings.epochs with settings.optimizer at settings.lr under settings.schedule,
+    keeping the weights of the epoch with the best validation accuracy. The one training loop
+    of the baseline and fine-tuning stages."""
     model.to(device)
+    optimizer = instantiate(settings.optimizer)(model.parameters(), lr=settings.lr)
+    scheduler = lr_schedule(
+        optimizer, settings.epochs, _name(settings.schedule), settings.warmup_epochs
+    )
     best_accuracy = -1.0
     best_state = None
     result = FitResult(model=model)
     # disable=None: bars on a terminal, none in redirected logs.
+    epochs = settings.epochs
     epoch_bar = tqdm(range(1, epochs + 1), desc=desc, dynamic_ncols=True, disable=None)
     for epoch in epoch_bar:
         train_loss = train_steps(
-            model,
-            train_loader,
-            criterion,
-            optimizer,
-            device,
-            max_batches,
-            f"{desc} {epoch}",
-            distillation,
+            model, loaders.train, criterion, optimizer, device, f"{desc} {epoch}", distillation
         )
         if scheduler is not None:
             scheduler.step()
-        val = evaluate(model, val_loader, criterion, device, max_batches, "val")
+        val = evaluate(model, loaders.val, criterion, device, "val")
         record = {
             "epoch": epoch,
             "train_loss": train_loss,
@@ -232,3 +240,7 @@ def fit(
     if best_state is not None:
         model.load_state_dict(best_state)
     return result
+
+
+def _name(choice: Enum | str) -> str:
+    return choice.value if isinstance(choice, Enum) else choice

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from pipeline.cache import load_weights, save_weights
-from pipeline.data import Loaders
+from pipeline.data import StageInputs
 from pipeline.models import load_state_dict
-from pipeline.schema import BaselineSchema
+from pipeline.schema import BaselineSettings
 from pipeline.training import fit
 
 
@@ -26,15 +24,12 @@ class BaselineResult:
 
 def baseline(
     model: nn.Module,
-    loaders: Loaders,
-    criterion: Callable,
-    optimizer_factory: Callable[..., torch.optim.Optimizer],
-    settings: BaselineSchema,
-    device: torch.device,
+    inputs: StageInputs,
+    settings: BaselineSettings,
     cache_path: Path | None,
-    max_batches: int | None = None,
 ) -> BaselineResult:
     """Fill `model` with baseline weights: the checkpoint if given, else cached, else trained."""
+    device = inputs.device
     if settings.checkpoint:
         model.load_state_dict(load_state_dict(settings.checkpoint, key="baseline.checkpoint"))
         return BaselineResult(model.to(device), "checkpoint", Path(settings.checkpoint))
@@ -42,21 +37,7 @@ def baseline(
         model.load_state_dict(load_weights(cache_path))
         return BaselineResult(model.to(device), "cache", cache_path)
 
-    model.to(device)
-    optimizer = optimizer_factory(model.parameters(), lr=settings.lr)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(settings.epochs, 1))
-    result = fit(
-        model,
-        loaders.train,
-        loaders.val,
-        criterion,
-        optimizer,
-        settings.epochs,
-        device,
-        max_batches=max_batches,
-        scheduler=scheduler,
-        desc="baseline",
-    )
+    result = fit(model, inputs.loaders, inputs.criterion, settings, device, desc="baseline")
     if cache_path is not None:
         save_weights(
             model.state_dict(), cache_path, metadata={"best_epoch": str(result.best_epoch)}

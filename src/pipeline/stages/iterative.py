@@ -5,18 +5,18 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 from torch import nn
 
-from pipeline.schema import PrunerSchema
-from pipeline.stages.prune import Masks, prune
+from pipeline.data import StageInputs
+from pipeline.nni_adapter import Masks
+from pipeline.schema import PrunerSettings
+from pipeline.stages.prune import prune
 from pipeline.stages.speedup import speedup
-from pipeline.training import recalibrate_batchnorm
 
 
 @dataclass
@@ -32,13 +32,9 @@ def _untimed(name: str) -> AbstractContextManager:
 
 def prune_in_steps(
     model: nn.Module,
-    settings: PrunerSchema,
+    inputs: StageInputs,
+    settings: PrunerSettings,
     sparsity: float,
-    train_loader: Iterable,
-    criterion: Callable,
-    device: torch.device,
-    input_shape: tuple[int, int, int],
-    max_batches: int | None = None,
     stage: Callable[[str], AbstractContextManager] = _untimed,
     on_step: Callable[[int, nn.Module], None] | None = None,
 ) -> SteppedResult:
@@ -51,37 +47,18 @@ def prune_in_steps(
     16-32 channel bottlenecks, which accuracy hangs on, are pruned less than in one-shot
     pruning and the wide layers as asked (on Fashion-MNIST at sparsity 0.5: 1.08 M instead of
     1.06 M parameters). `stage(name)` wraps the prune and the speedup part of every step (the
-    run's tracker times them); `on_step(index, model)` sees the model after each step.
+    run's monitor times them); `on_step(index, model)` sees the model after each step.
     """
     current = copy.deepcopy(model)  # NNI prunes in place: keep the caller's model intact
-    recalibration = settings.recalibration_batches
-    if max_batches is not None:
-        recalibration = min(recalibration, max_batches)
     masks_by_step, config_list = [], []
     for index in range(1, settings.iterations + 1):
         with stage("prune"):
-            pruned = prune(
-                current,
-                settings,
-                sparsity,
-                train_loader,
-                criterion,
-                device,
-                input_shape,
-                settings.iterations,
-            )
+            pruned = prune(current, inputs, settings, sparsity, steps=settings.iterations)
         # ModelSpeedup rewrites the masks it is given; keep this step's as the pruner made them.
         masks_by_step.append(copy.deepcopy(pruned.masks))
         config_list = pruned.config_list
         with stage("speedup"):
-            current = speedup(
-                pruned.model,
-                pruned.masks,
-                input_shape,
-                settings.confidence,
-                settings.trace_input_size,
-            )
-            recalibrate_batchnorm(current, train_loader, recalibration, device)
+            current = speedup(pruned.model, pruned.masks, inputs, settings)
         if on_step is not None:
             on_step(index, current)
     return SteppedResult(current, masks_by_step, config_list)

@@ -2,66 +2,79 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn
 
+from pipeline.data import StageInputs
 from pipeline.inference import inference_model
-from pipeline.latency import measure_latency
+from pipeline.latency import LatencyStats, measure_latency
 from pipeline.model_stats import count_macs, count_params, size_bytes
-from pipeline.schema import MeasureSchema
+from pipeline.schema import MeasureSettings
 from pipeline.training import evaluate
 
 
-def quality(
-    model: nn.Module,
-    test_loader: Iterable,
-    criterion: Callable,
-    device: torch.device,
-    input_shape: tuple[int, int, int],
-    max_batches: int | None = None,
-) -> dict:
+def quality(model: nn.Module, test_loader: Iterable, inputs: StageInputs) -> dict:
     """Test top-1/top-5/loss plus parameters, MACs and size in bytes."""
-    result = evaluate(model.to(device), test_loader, criterion, device, max_batches, desc="test")
+    device = inputs.device
+    result = evaluate(model.to(device), test_loader, inputs.criterion, device, desc="test")
     return {
         "accuracy": result.accuracy,
         "top5": result.top5,
         "loss": result.loss,
         "test_samples": result.samples,
         "params": count_params(model),
-        "macs": count_macs(model, input_shape),
+        "macs": count_macs(model, inputs.input_shape),
         "size_bytes": size_bytes(model),
     }
 
 
-def speed(
+def timed(
     model: nn.Module,
-    input_shape: tuple[int, int, int],
+    input_shape: tuple[int, ...],
     device: torch.device,
-    settings: MeasureSchema,
-) -> dict:
-    """Batch-1 latency percentiles and large-batch throughput on `device`, timed on the
-    inference form of the model (measure.runtime, measure.fold_bn, measure.channels_last)."""
-    model = inference_model(
+    settings: MeasureSettings,
+    batch_size: int = 1,
+    repeats: int | None = None,
+) -> LatencyStats:
+    """Latency of the model's inference form (measure.runtime, measure.fold_bn,
+    measure.channels_last) with measure.warmup and measure.threads: how the measure stage and
+    benchmarks/latency.py time every model, so that their figures agree."""
+    prepared = inference_model(
         model.to(device),
         input_shape,
         settings.runtime.value,
         settings.fold_bn,
         settings.channels_last,
     )
-    timing = {"threads": settings.threads, "channels_last": settings.channels_last}
-    single = measure_latency(
-        model, input_shape, device, 1, settings.warmup, settings.repeats, **timing
+    return measure_latency(
+        prepared,
+        input_shape,
+        device,
+        batch_size=batch_size,
+        warmup=settings.warmup if batch_size == 1 else min(settings.warmup, 3),
+        repeats=settings.repeats if repeats is None else repeats,
+        threads=settings.threads,
+        channels_last=settings.channels_last,
     )
-    batched = measure_latency(
+
+
+def speed(
+    model: nn.Module,
+    input_shape: tuple[int, ...],
+    device: torch.device,
+    settings: MeasureSettings,
+) -> dict:
+    """Batch-1 latency percentiles and large-batch throughput on `device`."""
+    single = timed(model, input_shape, device, settings)
+    batched = timed(
         model,
         input_shape,
         device,
-        settings.throughput_batch_size,
-        min(settings.warmup, 3),
-        settings.throughput_repeats,
-        **timing,
+        settings,
+        batch_size=settings.throughput_batch_size,
+        repeats=settings.throughput_repeats,
     )
     return {
         "latency_ms": {
@@ -89,17 +102,14 @@ def measure(
     baseline_model: nn.Module,
     baseline_quality: dict,
     pruned_model: nn.Module,
-    test_loader: Iterable,
-    criterion: Callable,
-    device: torch.device,
-    input_shape: tuple[int, int, int],
-    settings: MeasureSchema,
-    max_batches: int | None = None,
+    inputs: StageInputs,
+    settings: MeasureSettings,
 ) -> dict:
     """Measure both models the same way; the baseline's quality comes from the baseline stage."""
-    pruned_quality = quality(pruned_model, test_loader, criterion, device, input_shape, max_batches)
-    baseline_report = baseline_quality | speed(baseline_model, input_shape, device, settings)
-    pruned_report = pruned_quality | speed(pruned_model, input_shape, device, settings)
+    shape, device = inputs.input_shape, inputs.device
+    pruned_quality = quality(pruned_model, inputs.loaders.test, inputs)
+    baseline_report = baseline_quality | speed(baseline_model, shape, device, settings)
+    pruned_report = pruned_quality | speed(pruned_model, shape, device, settings)
     reductions = {
         key: reduction_pct(baseline_report[key], pruned_report[key])
         for key in ("params", "macs", "size_bytes")

@@ -1,0 +1,1 @@
+"""The pipeline's Hydra configs, installed as the package `pipeline.conf` (see pyproject.toml)."""

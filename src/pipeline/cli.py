@@ -1,0 +1,102 @@
+"""The command line: check every job's config first (one line and exit 2 on bad input, with a
+FAILED MLflow run), then let Hydra run the job or the sweep.
+
+    python -m pipeline [overrides]           python -m pipeline -m sparsity=0.05,0.15
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import signal
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from pipeline.config import SEARCH_PATH, check_command_line, compose, settings_from
+from pipeline.errors import ConfigError, PipelineError
+
+failed_jobs: list[str] = []
+
+
+@hydra.main(version_base="1.3", config_path=SEARCH_PATH, config_name="config")
+def job(cfg: DictConfig) -> float:
+    """One run; returns the pruned model's accuracy (the value a Hydra sweeper optimises)."""
+    from pipeline.run import run
+    from pipeline.tracking import tracked_run
+
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    log_file = run_dir / f"{hydra_cfg.job.name}.log"
+    run_name = f"{hydra_cfg.runtime.choices.get('pruner')} sparsity={cfg.get('sparsity')}"
+    try:
+        with tracked_run(cfg, run_name, log_file) as tracker:
+            tracker.set_tags(
+                {f"choice.{group}": str(choice) for group, choice in _choices(hydra_cfg).items()}
+            )
+            record = run(settings_from(cfg), run_dir, tracker)
+    except PipelineError as error:
+        print(f"error: {error}", file=sys.stderr)
+        if hydra_cfg.mode == RunMode.MULTIRUN:  # let the other jobs of the sweep run
+            failed_jobs.append(str(error))
+            return math.nan
+        sys.exit(2)
+    return record["pruned"]["accuracy"]
+
+
+def _choices(hydra_cfg) -> dict[str, str]:
+    """The config group choices of this job (pruner=apoz, dataset=digits, ...), Hydra's own
+    groups left out."""
+    return {
+        group: choice
+        for group, choice in hydra_cfg.runtime.choices.items()
+        if not group.startswith("hydra") and choice is not None
+    }
+
+
+def record_rejected_run(args: list[str], error: ConfigError) -> None:
+    """Leave a FAILED MLflow run for a command line rejected before any job ran, in the store
+    its other overrides (tracking.uri, paths.output_root, ...) point at."""
+    import mlflow  # noqa: F401  (imported first: it sets up its loggers on import)
+
+    from pipeline.tracking import tracked_run
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # keep the error the only line shown
+    usable = []
+    for arg in args:
+        if arg.startswith("-") or "=" not in arg or arg.startswith("hydra") or "," in arg:
+            continue
+        with contextlib.suppress(ConfigError):
+            settings_from(compose([*usable, arg]))
+            usable.append(arg)
+    try:
+        cfg = compose(usable)
+        with contextlib.suppress(ConfigError), tracked_run(cfg, run_name="rejected"):
+            raise error
+    except Exception:  # best effort: the one-line error below is what the user must see
+        pass
+
+
+def _terminate(signum, frame):
+    # SIGTERM (a scheduler stopping us) ends the MLflow run as KILLED, like Ctrl-C.
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def main() -> None:
+    signal.signal(signal.SIGTERM, _terminate)
+    args = sys.argv[1:]
+    if not any(arg in ("--help", "-h", "--hydra-help", "--info", "-i") for arg in args):
+        try:
+            check_command_line(args)
+        except ConfigError as error:
+            record_rejected_run(args, error)
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(2)
+    job()
+    if failed_jobs:
+        sys.exit(2)

@@ -1,0 +1,219 @@
+"""The one way a configuration is made: Hydra composes conf/ (shipped inside the package as
+`pipeline.conf`) onto the typed schema, then range checks turn it into RunSettings.
+
+Every failure becomes one ConfigError line naming the key and the allowed values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from enum import Enum
+from typing import Any
+
+from hydra import compose as hydra_compose
+from hydra import initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from pipeline import schema
+from pipeline.errors import ConfigError
+from pipeline.schema import RunSettings
+
+CONFIG_MODULE = "pipeline.conf"  # conf/ at the top of the repository, packaged under this name
+CONFIG_NAME = "config"
+SEARCH_PATH = f"pkg://{CONFIG_MODULE}"
+
+schema.register()
+
+
+def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """The composed config for `overrides`, as `python -m pipeline` would build it; one
+    ConfigError line when a key, a type or a group choice is wrong."""
+    overrides = list(overrides)
+    GlobalHydra.instance().clear()  # compose() inside a @hydra.main app or after another one
+    try:
+        with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+            return hydra_compose(config_name=CONFIG_NAME, overrides=overrides)
+    except (HydraException, OmegaConfBaseException, ValueError) as error:
+        failure = error
+    GlobalHydra.instance().clear()
+    raise ConfigError(composition_error(failure, overrides))
+
+
+def group_choices(group: str) -> list[str]:
+    """The choices of a config group (files starting with "_" are shared fragments)."""
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+        options = GlobalHydra.instance().config_loader().get_group_options(group)
+    GlobalHydra.instance().clear()
+    return sorted(option for option in options if not option.startswith("_"))
+
+
+def composition_error(error: BaseException, overrides: list[str]) -> str:
+    """One line for a failed composition: an unknown group choice, key or value."""
+    for cause in _causes(error):
+        if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
+            return _one_line(cause)
+    message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    for override in overrides:
+        key, _, value = override.lstrip("+~").partition("=")
+        named = f"'{key}/{value}'" in message or f"{key}={value}" in message
+        if named and ("not found" in message or "Could not find" in message):
+            allowed = ", ".join(group_choices(key))
+            return f"{key}={value!r} is not allowed; allowed values: {allowed}"
+    return message
+
+
+def _causes(error: BaseException) -> list[BaseException]:
+    chain = []
+    while error is not None and error not in chain:
+        chain.append(error)
+        error = error.__cause__ or error.__context__
+    return chain
+
+
+def _one_line(error: OmegaConfBaseException) -> str:
+    key = error.full_key
+    value = getattr(error, "value", None)
+    kind = field_type(key)
+    if "not in" in str(error) and "Key" in str(error):
+        parent = field_type(key.rpartition(".")[0]) if "." in key else RunSettings
+        known = (
+            [f.name for f in dataclasses.fields(parent)] if dataclasses.is_dataclass(parent) else []
+        )
+        return f"{key} is not a setting; allowed keys: {', '.join(known)}"
+    if isinstance(kind, type) and issubclass(kind, Enum):
+        allowed = ", ".join(member.value for member in kind)
+    elif kind in TYPE_NAMES:
+        allowed = TYPE_NAMES[kind]
+    else:
+        return f"{key}: {str(error).splitlines()[0]}"
+    return f"{key}={value!r} is not allowed; allowed values: {allowed}"
+
+
+TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def field_type(key: str) -> Any:
+    """The schema's type for a dotted key (Optional unwrapped), or None for free-form keys."""
+    node: Any = RunSettings
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(node):
+            return None
+        hints = typing.get_type_hints(node)
+        if part not in hints:
+            return None
+        node = hints[part]
+        if typing.get_origin(node) in (typing.Union, types.UnionType):
+            arguments = [a for a in typing.get_args(node) if a is not type(None)]
+            node = arguments[0] if len(arguments) == 1 else node
+    return node
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+RANGES = [
+    ("sparsity", lambda v: _number(v) and 0 < v < 1, "a number in (0, 1)"),
+    ("pruner.confidence", lambda v: v > 1, "an integer > 1"),
+    ("pruner.training_steps", lambda v: v >= 1, "an integer >= 1"),
+    ("pruner.batch_size", lambda v: v >= 1, "an integer >= 1"),
+    ("pruner.iterations", lambda v: v >= 1, "an integer >= 1"),
+    ("pruner.recalibration_batches", lambda v: v >= 0, "an integer >= 0"),
+    ("pruner.round_to", lambda v: v is None or v >= 1, "null or an integer >= 1"),
+    ("pruner.trace_input_size", lambda v: v is None or v >= 8, "null or an integer >= 8"),
+    ("finetune.batch_size", lambda v: v >= 1, "an integer >= 1"),
+    ("baseline.batch_size", lambda v: v >= 1, "an integer >= 1"),
+    ("measure.repeats", lambda v: v >= 1, "an integer >= 1"),
+    ("finetune.epochs", lambda v: v >= 0, "an integer >= 0"),
+    ("finetune.warmup_epochs", lambda v: v >= 0, "an integer >= 0"),
+    ("baseline.warmup_epochs", lambda v: v >= 0, "an integer >= 0"),
+    ("finetune.distill.alpha", lambda v: v is None or 0 <= v <= 1, "a number in [0, 1]"),
+    ("finetune.distill.temperature", lambda v: v is None or v > 0, "a number > 0"),
+    ("baseline.epochs", lambda v: v >= 0, "an integer >= 0"),
+    ("measure.warmup", lambda v: v >= 0, "an integer >= 0"),
+    ("max_batches", lambda v: v is None or v >= 1, "null or an integer >= 1"),
+    ("dataset.val_fraction", lambda v: v is None or 0 <= v < 1, "a number in [0, 1)"),
+    ("dataset.test_fraction", lambda v: v is None or 0 < v < 1, "a number in (0, 1)"),
+    (
+        "pruner.config_list",
+        lambda v: v is None or OmegaConf.is_list(v),
+        "null or a list of NNI config dicts like [{sparsity_per_layer: 0.2, op_types: [Conv2d]}]",
+    ),
+]
+
+
+def settings_from(cfg: DictConfig) -> RunSettings:
+    """Check the ranges of a composed config and return it as typed RunSettings."""
+    try:
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        typed = OmegaConf.merge(OmegaConf.structured(RunSettings), _without_hydra(resolved))
+    except OmegaConfBaseException as error:
+        raise ConfigError(_one_line(error) if error.full_key else str(error)) from None
+    for key, is_allowed, allowed in RANGES:
+        value = OmegaConf.select(typed, key)
+        if not is_allowed(value):
+            shown = value if isinstance(value, (int, float, str)) else "<given value>"
+            raise ConfigError(f"{key}={shown!r} is not allowed; allowed values: {allowed}")
+    return OmegaConf.to_object(typed)
+
+
+def _without_hydra(tree: dict) -> dict:
+    return {key: value for key, value in tree.items() if key != "hydra"}
+
+
+def plain(settings: RunSettings) -> dict:
+    """RunSettings as plain JSON-ready data (enums as their names), for records and params."""
+    return OmegaConf.to_container(OmegaConf.structured(settings), enum_to_str=True)
+
+
+def job_overrides(args: list[str]) -> list[list[str]]:
+    """The override lists a command line stands for: one for a single run; for a `-m` sweep, the
+    first job plus each other value of each swept key (enough to try every value once)."""
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    # Hydra's own parser tells the overrides from its flags (--cfg job, -m, ...); its settings
+    # (launcher, sweeper, output dirs) are not part of a job's config.
+    overrides = get_args_parser().parse_args(args).overrides
+    wanted = [a for a in overrides if not a.lstrip("+~").startswith("hydra")]
+    try:
+        parsed = OverridesParser.create().parse_overrides(wanted)
+    except HydraException as error:
+        raise ConfigError(str(error).strip().splitlines()[0]) from None
+    if any(o.is_sweep_override() and not _listable(o) for o in parsed):
+        parsed = [o for o in parsed if not o.is_sweep_override() or _listable(o)]
+    choices = []
+    for override in parsed:
+        key = override.get_key_element()
+        if override.is_sweep_override():
+            values = [f"{key}={value}" for value in override.sweep_string_iterator()]
+        else:
+            values = [f"{key}={override.get_value_element_as_str()}"]
+        choices.append(values)
+    first = [values[0] for values in choices]
+    jobs = [first]
+    for position, values in enumerate(choices):
+        for value in values[1:]:
+            jobs.append([*first[:position], value, *first[position + 1 :]])
+    return jobs
+
+
+def _listable(override) -> bool:
+    """Choice and range sweeps list their values; intervals (for Optuna) do not."""
+    try:
+        next(iter(override.sweep_string_iterator()), None)
+    except Exception:
+        return False
+    return True
+
+
+def check_command_line(args: list[str]) -> None:
+    """Compose and check every job the command line asks for; ConfigError on the first bad one."""
+    for overrides in job_overrides(args):
+        settings_from(compose(overrides))

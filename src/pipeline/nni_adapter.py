@@ -1,0 +1,232 @@
+"""The one place that imports NNI 2.10.1: the pruner (its class from pruner._target_), the
+evaluator's training functions, ModelSpeedup with its retry, and NNI's log levels.
+
+NNI is imported inside the functions, so that loading a pruned model, the command line's config
+checks and everything else run without it.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import warnings
+from collections.abc import Callable, Iterable
+
+import torch
+from hydra.utils import get_class
+from torch import nn
+
+from pipeline.errors import ConfigError, SpeedupError
+from pipeline.inference import fold_batchnorm
+from pipeline.schema import PrunerSettings
+from pipeline.training import cycled_batches, train_steps
+
+log = logging.getLogger(__name__)
+Masks = dict[str, dict[str, torch.Tensor]]
+
+NNI_PLAIN_LOGGERS = ("FixMaskConflict", "Shape_Dependency", "torch apply compression")
+
+
+def quiet_nni() -> None:
+    """NNI logs every wrapped and replaced module at INFO; keep warnings and errors only."""
+    # NNI gives its module loggers explicit levels, so the parent's level is not enough.
+    names = [name for name in logging.root.manager.loggerDict if name.startswith("nni")]
+    # A few of its utilities log under names of their own.
+    for name in ["nni", *names, *NNI_PLAIN_LOGGERS]:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # Warns on every pruning call that it had no model to unbind: nothing to act on.
+    logging.getLogger("nni.algorithms.compression.v2.pytorch.utils.evaluator").setLevel(
+        logging.ERROR
+    )
+    # ModelSpeedup's mask inference reads .grad of non-leaf tensors, which torch warns about
+    # once per layer; it works as intended.
+    warnings.filterwarnings(
+        "ignore", message="The .grad attribute of a Tensor", category=UserWarning
+    )
+
+
+def nni_training_func(loader: Iterable, device: torch.device) -> Callable:
+    """The training function NNI's TorchEvaluator calls; max_steps counts optimizer steps."""
+
+    def training_func(
+        model, optimizers, criterion, lr_schedulers=None, max_steps=None, max_epochs=None
+    ):
+        optimizer = optimizers[0] if isinstance(optimizers, (list, tuple)) else optimizers
+        if max_steps is None:
+            for _ in range(max_epochs or 1):
+                train_steps(model, loader, criterion, optimizer, device, desc="prune stats")
+            return
+        # A short loader is cycled until max_steps batches have run.
+        batches = cycled_batches(loader, max_steps)
+        train_steps(model, batches, criterion, optimizer, device, desc="prune stats")
+
+    return training_func
+
+
+def observe_func(loader: Iterable, device: torch.device, batches: int) -> Callable:
+    """A stand-in for NNI's training function that only looks: `batches` forward passes in eval
+    mode, no gradient, no optimizer step, whatever max_steps NNI asks for."""
+
+    @torch.no_grad()
+    def training_func(
+        model, optimizers, criterion, lr_schedulers=None, max_steps=None, max_epochs=None
+    ):
+        model.eval()
+        for images, _ in cycled_batches(loader, batches):
+            model(images.to(device))
+
+    return training_func
+
+
+def channel_masks(
+    model: nn.Module,
+    config_list: list[dict],
+    settings: PrunerSettings,
+    loader: Iterable,
+    criterion: Callable,
+    device: torch.device,
+    input_shape: tuple[int, int, int],
+) -> Masks:
+    """Rank output channels with the pruner class named by settings._target_ and return NNI's
+    masks for the lowest-ranked ones; `model` keeps its layer shapes and its weights unless
+    settings.statistics is "nni" (NNI's evaluator trains it while it collects)."""
+    import nni
+    from nni.algorithms.compression.v2.pytorch import TorchEvaluator
+
+    quiet_nni()
+    pruner_class = pruner_class_of(settings)
+    model.to(device)
+    dummy_input = torch.rand(
+        settings.confidence,
+        *trace_shape(model, input_shape, settings.trace_input_size),
+        device=device,
+    )
+    if settings.statistics == "activation":
+        # NNI hooks each layer's own output (a conv's is taken before its BatchNorm), applies
+        # `activation` itself, and stops adding once the *samples* seen reach training_steps,
+        # while its evaluator trains the model for training_steps *batches*. To rank channels
+        # by the activation the network really produces: rank on a copy with BatchNorm folded
+        # into the convolutions (so a conv's output is the BN output), feed it exactly
+        # training_steps batches forward-only in eval mode, and give NNI a sample budget that
+        # covers them all. Masks are keyed by layer name, so they apply to `model` unchanged.
+        target = fold_batchnorm(copy.deepcopy(model).eval())
+        batch_size = getattr(loader, "batch_size", None) or 1
+        nni_steps = settings.training_steps * batch_size
+        training_func = observe_func(loader, device, settings.training_steps)
+    else:
+        target, nni_steps = model, settings.training_steps
+        training_func = nni_training_func(loader, device)
+    # NNI re-creates the optimizer for the wrapped model, so it must be traced.
+    optimizer = nni.trace(torch.optim.Adam)(target.parameters(), lr=settings.lr)
+    evaluator = TorchEvaluator(training_func, optimizer, criterion, dummy_input=dummy_input)
+    pruner = pruner_class(
+        target,
+        config_list,
+        evaluator,
+        training_steps=nni_steps,
+        activation=_value(settings.activation),
+        mode=_value(settings.mode),
+        dummy_input=dummy_input,
+    )
+    _, masks = pruner.compress()
+    pruner._unwrap_model()
+    return masks
+
+
+def pruner_class_of(settings: PrunerSettings) -> type:
+    try:
+        return get_class(settings._target_)
+    except Exception as error:
+        raise ConfigError(
+            f"pruner._target_={settings._target_!r} is not allowed; allowed values: an NNI 2.x "
+            f"activation pruner class such as nni.compression.pytorch.pruning."
+            f"ActivationMeanRankPruner ({type(error).__name__})"
+        ) from None
+
+
+def _value(choice) -> str:
+    return getattr(choice, "value", choice)
+
+
+def trace_shape(
+    model: nn.Module, input_shape: tuple[int, int, int], trace_size: int | None
+) -> tuple[int, ...]:
+    """The shape of NNI's dummy inputs: channel masks and the dependencies between layers do not
+    depend on the spatial size, so a small one makes tracing and mask inference far cheaper.
+    A model that cannot run at the small size (a Flatten before a Linear) keeps the real one."""
+    channels, height, width = input_shape
+    if trace_size is None or trace_size >= max(height, width):
+        return input_shape
+    small = (channels, trace_size, trace_size)
+    device = next(model.parameters()).device
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(2, *small, device=device))
+    except RuntimeError:
+        return input_shape
+    finally:
+        model.train(was_training)
+    return small
+
+
+def speedup(
+    model: nn.Module,
+    masks: Masks,
+    input_shape: tuple[int, int, int],
+    confidence: int,
+    trace_size: int | None = None,
+) -> nn.Module:
+    """Replace masked layers by narrower ones; `confidence` is the batch size of NNI's inference.
+
+    With `trace_size`, NNI infers the masks on trace_size x trace_size inputs (much cheaper at
+    224). NNI infers which channels survive from `confidence` random samples and now and then
+    drops one that is merely zero on all of them, leaving mismatched widths; the result is
+    checked at the real input size and, on a mismatch, redone with 4x the samples and then at
+    the real size before giving up.
+    """
+    if not masks:
+        return model
+    shape = trace_shape(model, input_shape, trace_size)
+    attempts = [(shape, confidence), (shape, confidence * 4), (input_shape, confidence * 4)]
+    attempts = list(dict.fromkeys(attempts))  # drop repeats, keep the order
+    for number, (attempt_shape, samples) in enumerate(attempts, start=1):
+        candidate = copy.deepcopy(model) if number < len(attempts) else model
+        # ModelSpeedup writes what it infers into the masks it is given: every attempt starts
+        # from the pruner's own.
+        given = copy.deepcopy(masks)
+        try:
+            return model_speedup(candidate, given, attempt_shape, samples, check_shape=input_shape)
+        except SpeedupError as error:
+            if number == len(attempts):
+                raise
+            log.warning("speedup attempt %d failed (%s); retrying", number, error)
+    raise AssertionError("unreachable")
+
+
+def model_speedup(
+    model: nn.Module,
+    masks: Masks,
+    shape: tuple[int, ...],
+    confidence: int,
+    check_shape: tuple[int, ...],
+) -> nn.Module:
+    """One ModelSpeedup call on `shape` inputs, checked by a forward pass at `check_shape`."""
+    from nni.compression.pytorch.speedup import ModelSpeedup
+
+    quiet_nni()
+    device = next(model.parameters()).device
+    dummy_input = torch.rand(confidence, *shape, device=device)
+    model.eval()
+    ModelSpeedup(model, dummy_input, masks, confidence=confidence).speedup_model()
+    try:
+        with torch.no_grad():
+            model(torch.rand(2, *check_shape, device=device))
+    except RuntimeError as error:
+        # NNI infers which channels survive from `confidence` random samples; too few samples
+        # can mislead it into mismatched layer widths.
+        raise SpeedupError(
+            f"pruner.confidence={confidence}: ModelSpeedup produced inconsistent layer widths "
+            f"({str(error).splitlines()[0]}); raise pruner.confidence (8 or more)"
+        ) from None
+    return model
