@@ -3,6 +3,7 @@ the two ways of pruning (the project's stage functions and the plain NNI call se
 
 from __future__ import annotations
 
+import argparse
 import random
 import warnings
 
@@ -13,12 +14,15 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from pipeline.config import compose, settings_from
 from pipeline.data import Loaders, StageInputs
+from pipeline.latency import PairedLatency
 from pipeline.models import mobilenet_v2
 from pipeline.nni_adapter import Masks
 from pipeline.nni_adapter import speedup as nni_speedup
-from pipeline.schema import PrunerSettings, RunSettings
+from pipeline.schema import MeasureSettings, PrunerSettings, RunSettings
 from pipeline.stages.iterative import prune_in_steps
+from pipeline.stages.measure import timed_pair
 from pipeline.stages.prune import prune
+from pipeline.uncertainty import latency_ratio
 
 SEED = 1234
 # Input size -> number of classes: 224 is the reference (Oxford-IIIT Pet) model, 32 the
@@ -90,6 +94,61 @@ def pruner_settings(
     if statistics != "default":
         overrides.append(f"pruner.statistics={statistics}")
     return project_settings(overrides).pruner
+
+
+def add_timing_options(
+    parser: argparse.ArgumentParser,
+    threads: int | None = None,
+    warmup: int | None = None,
+    repeats_help: str = "measure.repeats: timed calls per model (default: conf/)",
+) -> None:
+    """--threads, --warmup, --repeats and --rounds: overrides of the measure settings (None
+    keeps the value in conf/), read by measure_settings."""
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=threads,
+        help="measure.threads: torch CPU threads while timing "
+        f"(default: {'conf/, where null is torch default' if threads is None else threads})",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=warmup,
+        help="measure.warmup: untimed calls first, at most 3 above batch 1 "
+        f"(default: {'conf/' if warmup is None else warmup})",
+    )
+    parser.add_argument("--repeats", type=int, default=None, help=repeats_help)
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=None,
+        help="measure.rounds: alternating rounds the repeats are split into (default: conf/)",
+    )
+
+
+def measure_settings(**options: object) -> MeasureSettings:
+    """The measure section of the project's config with each option that is not None as a
+    `measure.<key>=<value>` override, as a command line would give it."""
+    overrides = [f"measure.{key}={value}" for key, value in options.items() if value is not None]
+    return project_settings(overrides).measure
+
+
+def timed_ratio(
+    baseline: nn.Module,
+    pruned: nn.Module,
+    size: int,
+    device: torch.device,
+    settings: MeasureSettings,
+    batch_size: int = 1,
+    repeats: int | None = None,
+) -> tuple[PairedLatency, dict]:
+    """Both models timed as the measure stage times them (timed_pair: alternating rounds in
+    this process; `repeats` None: settings.repeats) and the pruned/baseline ratio with its
+    95 % interval from the per-round ratios (pipeline.uncertainty.latency_ratio)."""
+    shape = input_shape(size)
+    pair = timed_pair(baseline, pruned, shape, device, settings, batch_size, repeats)
+    return pair, latency_ratio(pair.baseline_rounds, pair.pruned_rounds)
 
 
 def stage_inputs(size: int, settings: PrunerSettings) -> StageInputs:

@@ -1,9 +1,10 @@
 """Does pruning make MobileNetV2 faster, and by as much as its MACs shrink?
 
 For each input size and sparsity the unpruned baseline is pruned and sped up with the project's
-own stage functions, then baseline and pruned model are timed with
-pipeline.stages.measure.timed, the measure stage's own timing, under the composed measure
-settings (the timing options below are overrides of them).
+own stage functions, then baseline and pruned model are timed in alternating rounds with
+pipeline.stages.measure.timed_pair, the measure stage's own timing, under the composed measure
+settings (the timing options below are overrides of them); the ratio and its 95 % interval come
+from pipeline.uncertainty.latency_ratio, as in the measure stage.
 
     python benchmarks/latency.py
     python benchmarks/latency.py --sizes 32 --sparsities 0.15 0.5 --repeats 10 --json out.json
@@ -22,10 +23,8 @@ from pathlib import Path
 import _common as common
 import torch
 
-from pipeline.latency import LatencyStats
 from pipeline.model_stats import count_macs, count_params
 from pipeline.schema import MeasureSettings
-from pipeline.stages.measure import timed
 
 # Above this batch size a forward pass of the 224x224 model takes a large fraction of a second
 # on a small CPU, so the default repeats are cut to keep the whole run within minutes.
@@ -43,10 +42,19 @@ class Row:
     macs_ratio: float
     baseline: dict
     pruned: dict
+    ratio: dict  # pipeline.uncertainty.latency_ratio: ratio, ci_low, ci_high, round_ratios, ...
 
     @property
     def latency_ratio(self) -> float:
-        return self.pruned["p50"] / self.baseline["p50"]
+        return self.ratio["ratio"]
+
+    @property
+    def measurably_slower(self) -> bool:
+        return self.ratio["ci_low"] > 1.0
+
+    @property
+    def no_measurable_difference(self) -> bool:
+        return self.ratio["ci_low"] <= 1.0 <= self.ratio["ci_high"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -54,20 +62,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sizes", type=int, nargs="+", default=[224, 32])
     parser.add_argument("--sparsities", type=float, nargs="+", default=[0.05, 0.15, 0.3, 0.5])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
-    parser.add_argument(
-        "--threads", type=int, default=2, help="measure.threads: torch CPU threads while timing"
-    )
-    parser.add_argument(
-        "--warmup",
-        type=int,
-        default=5,
-        help="measure.warmup: untimed calls first (the measure stage caps it at 3 above batch 1)",
-    )
-    parser.add_argument(
-        "--repeats",
-        type=int,
-        default=None,
-        help=f"measure.repeats: timed calls per model (default: {REPEATS}, or "
+    common.add_timing_options(
+        parser,
+        threads=2,
+        warmup=5,
+        repeats_help=f"measure.repeats: timed calls per model (default: {REPEATS}, or "
         f"{LARGE_BATCH_REPEATS} for batches above {LARGE_BATCH})",
     )
     parser.add_argument("--devices", nargs="+", default=["cpu", "cuda"], choices=["cpu", "cuda"])
@@ -99,42 +98,16 @@ def devices(names: list[str]) -> list[torch.device]:
 
 def measure_settings(args: argparse.Namespace) -> MeasureSettings:
     """The project's measure settings with this run's timing options as overrides: threads,
-    warm-up and batch-1 repeats always, the inference form only where an option names it."""
-    options = {
-        "threads": args.threads,
-        "warmup": args.warmup,
-        "repeats": args.repeats or REPEATS,
-        "runtime": args.runtime,
-        "fold_bn": args.fold_bn,
-        "channels_last": args.channels_last,
-    }
-    overrides = [f"measure.{key}={value}" for key, value in options.items() if value is not None]
-    return common.project_settings(overrides).measure
-
-
-def time_pair(
-    baseline: torch.nn.Module,
-    pruned: torch.nn.Module,
-    size: int,
-    batch: int,
-    device: torch.device,
-    settings: MeasureSettings,
-    repeats: int | None,
-) -> tuple[LatencyStats, LatencyStats]:
-    """Both models timed the measure stage's way (`repeats` None: settings.repeats)."""
-    shape = common.input_shape(size)
-    # The baseline is timed again right before each pruned model rather than once per size:
-    # on a shared machine the load drifts, and the ratio should compare like with like.
-    return tuple(
-        timed(
-            model,
-            input_shape=shape,
-            device=device,
-            settings=settings,
-            batch_size=batch,
-            repeats=repeats,
-        )
-        for model in (baseline, pruned)
+    warm-up and batch-1 repeats always; rounds and the inference form where an option names
+    them."""
+    return common.measure_settings(
+        threads=args.threads,
+        warmup=args.warmup,
+        repeats=args.repeats or REPEATS,
+        rounds=args.rounds,
+        runtime=args.runtime,
+        fold_bn=args.fold_bn,
+        channels_last=args.channels_last,
     )
 
 
@@ -167,8 +140,10 @@ def run(args: argparse.Namespace, measure: MeasureSettings) -> list[Row]:
                 few = batch > LARGE_BATCH and args.repeats is None
                 repeats = LARGE_BATCH_REPEATS if few else None
                 for device in targets:
-                    base_stats, pruned_stats = time_pair(
-                        baseline, pruned, size, batch, device, measure, repeats
+                    # The baseline is timed again with each pruned model, in alternating
+                    # rounds: load that drifts lands on both sides of a round alike.
+                    pair, ratio = common.timed_ratio(
+                        baseline, pruned, size, device, measure, batch_size=batch, repeats=repeats
                     )
                     rows.append(
                         Row(
@@ -178,8 +153,9 @@ def run(args: argparse.Namespace, measure: MeasureSettings) -> list[Row]:
                             device.type,
                             params_ratio,
                             macs_ratio,
-                            base_stats.as_dict(),
-                            pruned_stats.as_dict(),
+                            pair.baseline.as_dict(),
+                            pair.pruned.as_dict(),
+                            ratio,
                         )
                     )
                     print(format_row(rows[-1]), flush=True)
@@ -189,7 +165,8 @@ def run(args: argparse.Namespace, measure: MeasureSettings) -> list[Row]:
 
 HEADER = (
     f"{'size':>7} {'sparsity':>8} {'batch':>5} {'device':>6} {'params':>7} {'MACs':>7} "
-    f"{'base p50':>9} {'base sd':>8} {'pruned p50':>10} {'pruned sd':>9} {'latency':>8}"
+    f"{'base p50':>9} {'base sd':>8} {'pruned p50':>10} {'pruned sd':>9} {'latency':>8} "
+    f"{'ci low':>7} {'ci high':>7}"
 )
 
 
@@ -198,14 +175,15 @@ def format_row(row: Row) -> str:
         f"{row.size:>3}x{row.size:<3} {row.sparsity:>8.2f} {row.batch:>5} {row.device:>6} "
         f"{row.params_ratio:>7.3f} {row.macs_ratio:>7.3f} "
         f"{row.baseline['p50']:>9.2f} {row.baseline['stdev']:>8.2f} "
-        f"{row.pruned['p50']:>10.2f} {row.pruned['stdev']:>9.2f} {row.latency_ratio:>8.3f}"
+        f"{row.pruned['p50']:>10.2f} {row.pruned['stdev']:>9.2f} {row.latency_ratio:>8.3f} "
+        f"{row.ratio['ci_low']:>7.3f} {row.ratio['ci_high']:>7.3f}"
     )
 
 
 def summary(rows: list[Row]) -> str:
     """One line: how much of the MAC reduction became latency reduction for the reference
     case (largest size, smallest batch, CPU, sparsity nearest 0.15), and whether any pruned
-    model was slower than its baseline."""
+    model was measurably slower than its baseline (its whole interval above 1)."""
     if not rows:
         return "summary: no rows"
     size = max(row.size for row in rows)
@@ -213,14 +191,18 @@ def summary(rows: list[Row]) -> str:
     device = "cpu" if any(row.device == "cpu" for row in rows) else rows[0].device
     candidates = [r for r in rows if r.size == size and r.batch == batch and r.device == device]
     ref = min(candidates, key=lambda r: abs(r.sparsity - 0.15))
-    slower = [r for r in rows if r.latency_ratio > 1.0]
-    verdict = "yes" if not slower else f"no ({len(slower)}/{len(rows)} rows slower)"
+    slower = sum(r.measurably_slower for r in rows)
+    unclear = sum(r.no_measurable_difference for r in rows)
+    verdict = "yes" if not slower else f"no ({slower}/{len(rows)} rows measurably slower)"
     case = f"{size}x{size} batch {batch} {device} at s={ref.sparsity:g}"
     ratios = (
-        f"latency ratio {ref.latency_ratio:.3f}, MACs ratio {ref.macs_ratio:.3f}, "
+        f"latency ratio {ref.latency_ratio:.3f} "
+        f"[{ref.ratio['ci_low']:.3f}, {ref.ratio['ci_high']:.3f}], "
+        f"MACs ratio {ref.macs_ratio:.3f}, "
         f"latency/MACs ratio {ref.latency_ratio / ref.macs_ratio:.3f}"
     )
-    return f"summary: {case}: {ratios}; pruned never slower: {verdict}"
+    counts = f"pruned never slower: {verdict}; no measurable difference: {unclear}/{len(rows)} rows"
+    return f"summary: {case}: {ratios}; {counts}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -228,7 +210,8 @@ def main(argv: list[str] | None = None) -> None:
     common.quiet_warnings()
     measure = measure_settings(args)
     print(
-        f"# threads {measure.threads}, warmup {measure.warmup}, ratios are pruned / baseline, "
+        f"# threads {measure.threads}, warmup {measure.warmup}, {measure.rounds} alternating "
+        f"rounds, ratios are pruned / baseline with 95 % intervals, "
         f"times in ms per call; load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs",
         flush=True,
     )

@@ -49,12 +49,26 @@ def test_without_tracking_the_run_still_records_resources_and_plots(tiny, tmp_pa
     assert not (tmp_path / "outputs" / "mlflow.db").exists()
 
 
-def test_second_run_reuses_the_cached_baseline(tiny, tmp_path):
+def test_a_cached_baseline_gives_the_same_numbers_as_a_trained_one(tiny, tmp_path):
     first = run(tiny(), tmp_path / "first")
-    second = run(tiny("sparsity=0.3"), tmp_path / "second")
+    second = run(tiny(), tmp_path / "second")
     assert first["baseline_source"] == "trained"
     assert second["baseline_source"] == "cache"
-    assert second["baseline"]["accuracy"] == first["baseline"]["accuracy"]
+    for side in ("baseline", "pruned"):
+        for key in ("accuracy", "top5", "loss", "params", "macs"):
+            assert second[side][key] == first[side][key], f"{side}.{key}"
+    assert second["pruning"]["steps"] == first["pruning"]["steps"]
+    assert second["finetune_history"] == first["finetune_history"]
+    assert second["baseline_history"] == first["baseline_history"]
+    assert second["accuracy_change"] == first["accuracy_change"]
+
+
+def test_a_short_baseline_is_flagged_as_not_converged(tiny, tmp_path, capsys):
+    record = run(tiny("baseline.epochs=2"), tmp_path / "run")
+    assert record["baseline_convergence"]["converged"] is False
+    saved = json.loads((tmp_path / "run" / "measurements.json").read_text())
+    assert saved["baseline_convergence"]["converged"] is False
+    assert "the baseline had not converged" in capsys.readouterr().out
 
 
 def test_apoz_normal_relu6_completes(tiny, tmp_path):

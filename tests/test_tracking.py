@@ -56,7 +56,16 @@ def test_sweep_gives_a_parent_and_finished_children(sweep_store):
     }
     # Params hold resolved values, not interpolations.
     assert set(children["params.model.num_classes"]) == {"10"}
-    for metric in ("pruned.accuracy", "pruned.params", "pruned.latency_p50_ms"):
+    for metric in (
+        "pruned.accuracy",
+        "pruned.params",
+        "pruned.latency_p50_ms",
+        "accuracy_change_ci_low",
+        "accuracy_change_ci_high",
+        "latency_ratio",
+        "latency_ratio_ci_low",
+        "latency_ratio_ci_high",
+    ):
         assert children[f"metrics.{metric}"].notna().all(), metric
     # A sparser model has fewer parameters.
     by_sparsity = children.set_index("params.sparsity")["metrics.pruned.params"]
@@ -77,6 +86,7 @@ def test_sweep_gives_a_parent_and_finished_children(sweep_store):
         assert {"training_curves.png", "resource_usage.png"} <= artifacts
         tags = client.get_run(run_id).data.tags
         assert tags["stage.measure"] == "finished"
+        assert tags["baseline.converged"] == "false"  # one epoch in the tiny config
         assert tags["torch_version"] and tags["nni_version"] == "2.10.1" and tags["host"]
 
 

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from pipeline.files import atomic_path
@@ -25,5 +26,8 @@ def save_weights(state_dict: dict[str, torch.Tensor], path: Path, metadata: dict
         save_file(tensors, staging, metadata=metadata)
 
 
-def load_weights(path: Path) -> dict[str, torch.Tensor]:
-    return load_file(path)
+def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and the metadata strings saved with them."""
+    with safe_open(path, "pt") as handle:
+        metadata = handle.metadata() or {}
+    return load_file(path), metadata

@@ -5,6 +5,7 @@ percentiles. Shared by the measure stage and the benchmarks so their numbers agr
 from __future__ import annotations
 
 import contextlib
+import os
 import statistics
 import time
 from collections.abc import Iterator
@@ -44,6 +45,21 @@ def cpu_threads(threads: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
+
+
+def free_threads(default: int | None = None, window_s: float = 0.5) -> tuple[int, int]:
+    """(threads, busy cores): torch's default thread count, less the cores that other processes
+    kept busy over `window_s` seconds while this one slept; at least one thread."""
+    import psutil
+
+    default = default or torch.get_num_threads()
+    cpus = os.cpu_count() or 1
+    own = psutil.Process()
+    own.cpu_percent(None)
+    machine = psutil.cpu_percent(interval=window_s)  # percent of all CPUs together
+    others = max(0.0, machine * cpus - own.cpu_percent(None)) / 100.0
+    busy = min(cpus, int(others + 0.5))
+    return max(1, min(default, cpus - busy)), busy
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -43,6 +43,8 @@ def quiet_nni() -> None:
     warnings.filterwarnings(
         "ignore", message="The .grad attribute of a Tensor", category=UserWarning
     )
+    # NNI traces the model with torch.jit, which torch now marks as deprecated on every call.
+    warnings.filterwarnings("ignore", message=r"`torch\.jit\.trace", category=FutureWarning)
 
 
 def nni_training_func(loader: Iterable, device: torch.device) -> Callable:

@@ -1,10 +1,63 @@
-"""The console summary of a run: baseline vs pruned, side by side."""
+"""The console summary of a run: baseline vs pruned, side by side, each change with how sure it
+is."""
 
 from __future__ import annotations
 
 
 def _fmt_int(value: float) -> str:
     return f"{int(value):,}"
+
+
+def accuracy_cell(change: dict) -> str:
+    """ "-1.94 pts [-3.1, -0.8]", or "not significant" when the 95 % interval holds 0."""
+    interval = f"[{change['ci_low']:+.2f}, {change['ci_high']:+.2f}]"
+    verdict = "" if change["significant"] else ", not significant"
+    return f"{change['points']:+.2f} pts {interval}{verdict}"
+
+
+def latency_cell(ratio: dict) -> str:
+    """The latency change with its sign (slower "+", faster "-") and its 95 % interval, or
+    "no measurable difference" when the interval holds a ratio of 1."""
+    percent = lambda value: f"{100.0 * (value - 1.0):+.1f}%"  # noqa: E731
+    interval = f"[{percent(ratio['ci_low'])}, {percent(ratio['ci_high'])}]"
+    if not ratio["measurable"]:
+        return f"{percent(ratio['ratio'])} {interval}, no measurable difference"
+    return f"{percent(ratio['ratio'])} {interval}"
+
+
+def notes(record: dict) -> list[str]:
+    """Warnings that change how the table should be read."""
+    lines = []
+    convergence = record.get("baseline_convergence")
+    if convergence is not None and not convergence["converged"]:
+        lines.append(
+            "warning: the baseline had not converged (" + convergence["reason"] + "): the "
+            "accuracy change may include extra training, not only the effect of pruning"
+        )
+    change = record["accuracy_change"]
+    lines.append(
+        f"accuracy change: paired over {change['images']} test images, 95 % bootstrap interval; "
+        f"only the baseline right on {change['only_baseline_right']}, only the pruned model on "
+        f"{change['only_pruned_right']} (McNemar p={change['p_value']:.3g})"
+    )
+    ratio = record["latency_ratio"]
+    load = ratio["load_average"]
+    line = (
+        f"latency: pruned/baseline {ratio['ratio']:.3f} [{ratio['ci_low']:.3f}, "
+        f"{ratio['ci_high']:.3f}] over {ratio['rounds']} alternating rounds"
+    )
+    if ratio.get("busy_cores"):
+        line += (
+            f"; {ratio['busy_cores']} of {load['cpus']} CPUs were busy with other work, so both "
+            f"models were timed on {ratio['threads']} thread(s)"
+        )
+    if ratio["noisy"]:
+        line += (
+            f"; the machine was noisy (load average {load['before']:.2f} -> {load['after']:.2f}"
+            f" on {load['cpus']} CPUs): rerun on an idle machine to trust it"
+        )
+    lines.append(line)
+    return lines
 
 
 def summary_table(record: dict) -> str:
@@ -14,27 +67,27 @@ def summary_table(record: dict) -> str:
             "accuracy (top-1)",
             f"{base['accuracy']:.4f}",
             f"{pruned['accuracy']:.4f}",
-            f"{-record['accuracy_drop_points']:+.2f} pts",
+            accuracy_cell(record["accuracy_change"]),
         ),
         ("top-5", f"{base['top5']:.4f}", f"{pruned['top5']:.4f}", ""),
         (
             "params",
             _fmt_int(base["params"]),
             _fmt_int(pruned["params"]),
-            f"-{reduction['params']:.1f}%",
+            f"{-reduction['params']:+.1f}%",
         ),
-        ("MACs", _fmt_int(base["macs"]), _fmt_int(pruned["macs"]), f"-{reduction['macs']:.1f}%"),
+        ("MACs", _fmt_int(base["macs"]), _fmt_int(pruned["macs"]), f"{-reduction['macs']:+.1f}%"),
         (
             "size (bytes)",
             _fmt_int(base["size_bytes"]),
             _fmt_int(pruned["size_bytes"]),
-            f"-{reduction['size_bytes']:.1f}%",
+            f"{-reduction['size_bytes']:+.1f}%",
         ),
         (
             f"latency p50 ({base['latency_device']}, ms)",
             f"{base['latency_ms']['p50']:.2f}",
             f"{pruned['latency_ms']['p50']:.2f}",
-            f"-{reduction['latency_p50']:.1f}%",
+            latency_cell(record["latency_ratio"]),
         ),
         (
             "latency p90 (ms)",
@@ -55,4 +108,5 @@ def summary_table(record: dict) -> str:
         )
 
     stages = ", ".join(f"{name} {v['seconds']:.1f}s" for name, v in record["stages"].items())
-    return "\n".join([line, fmt(header), line, *map(fmt, rows), line, f"stages: {stages}"])
+    table = [line, fmt(header), line, *map(fmt, rows), line, f"stages: {stages}"]
+    return "\n".join(table + notes(record))

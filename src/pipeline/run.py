@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 from pathlib import Path
@@ -38,6 +39,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def seed_stage(seed: int, stage: str) -> None:
+    """Seed the global generators from the run's seed and the stage's name, so that a stage
+    draws the same numbers whatever the stages before it drew: a run whose baseline came from
+    the cache prunes and fine-tunes exactly like the run that trained it."""
+    digest = hashlib.sha256(f"{seed}/{stage}".encode()).digest()
+    seed_everything(int.from_bytes(digest[:4], "little"))
+
+
 def resolve_device(choice: str) -> torch.device:
     if choice == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -55,7 +64,7 @@ def baseline_cache_path(settings: RunSettings) -> Path | None:
     training = {
         key: value
         for key, value in plain(settings)["baseline"].items()
-        if key not in ("checkpoint", "cache")
+        if key not in ("checkpoint", "cache", "convergence")
     }
     key = cache_key(
         settings.model,
@@ -89,22 +98,29 @@ def run(settings: RunSettings, run_dir: Path, tracker: Tracker | None = None) ->
     baseline_inputs = inputs(settings.baseline.batch_size, device)
     prune_inputs = inputs(settings.pruner.batch_size, prune_device)
     finetune_inputs = inputs(settings.finetune.batch_size, device)
+    # Both models are evaluated on these very batches: the accuracy comparison is paired.
+    test_loader = finetune_inputs.loaders.test
 
     with StageMonitor(settings.tracking.sample_interval_s, tracker) as monitor:
         with monitor.stage("baseline"):
+            seed_stage(settings.seed, "baseline")
             base = baseline(
                 build_from_config(settings.model),
                 baseline_inputs,
                 settings.baseline,
                 baseline_cache_path(settings),
             )
-            baseline_quality = quality(base.model, baseline_inputs.loaders.test, baseline_inputs)
+            baseline_quality = quality(base.model, test_loader, baseline_inputs)
+        if base.convergence is not None:
+            tracker.set_tags({"baseline.converged": str(base.convergence.converged).lower()})
 
+        seed_stage(settings.seed, "prune")
         pruned_model, pruning = prune_stages(
             base.model, settings, prune_inputs, monitor, run_dir / "masks.safetensors"
         )
 
         with monitor.stage("finetune"):
+            seed_stage(settings.seed, "finetune")
             tuned = finetune(
                 pruned_model,
                 finetune_inputs,
@@ -120,8 +136,15 @@ def run(settings: RunSettings, run_dir: Path, tracker: Tracker | None = None) ->
             )
 
         with monitor.stage("measure"):
+            seed_stage(settings.seed, "measure")
             measurements = measure(
-                base.model, baseline_quality, tuned.model, finetune_inputs, settings.measure
+                base.model,
+                baseline_quality,
+                tuned.model,
+                test_loader,
+                finetune_inputs,
+                settings.measure,
+                seed=settings.seed,
             )
 
     model_dir = save_pruned(tuned.model, settings.model, run_dir / "pruned_model")
@@ -133,6 +156,7 @@ def run(settings: RunSettings, run_dir: Path, tracker: Tracker | None = None) ->
         "resources": monitor.stage_summaries,
         "baseline_source": base.source,
         "baseline_history": base.history,
+        "baseline_convergence": base.convergence.as_dict() if base.convergence else None,
         "finetune_history": tuned.history,
         "finetune_best_epoch": tuned.best_epoch,
         "pruning": pruning,
@@ -197,6 +221,18 @@ def write_outcome(tracker: Tracker, record: dict, monitor: StageMonitor, run_dir
 
     metrics = {f"reduction.{key}_pct": value for key, value in record["reduction_pct"].items()}
     metrics["accuracy_drop_points"] = record["accuracy_drop_points"]
+    change, ratio = record["accuracy_change"], record["latency_ratio"]
+    metrics |= {
+        "accuracy_change_points": change["points"],
+        "accuracy_change_ci_low": change["ci_low"],
+        "accuracy_change_ci_high": change["ci_high"],
+        "accuracy_change_p_value": change["p_value"],
+        "latency_ratio": ratio["ratio"],
+        "latency_ratio_ci_low": ratio["ci_low"],
+        "latency_ratio_ci_high": ratio["ci_high"],
+    }
+    if record["baseline_convergence"] is not None:
+        metrics["baseline.converged"] = float(record["baseline_convergence"]["converged"])
     for side in ("baseline", "pruned"):
         report = record[side]
         metrics |= {f"{side}.{key}": report[key] for key in SCALAR_METRICS}

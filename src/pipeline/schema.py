@@ -82,9 +82,16 @@ class TrainingSettings:
 
 
 @dataclass
+class ConvergenceSettings:
+    window: int = MISSING  # the last epochs that must not improve on the earlier ones ...
+    tolerance: float = MISSING  # ... by more than this much val accuracy (0.01: one point)
+
+
+@dataclass
 class BaselineSettings(TrainingSettings):
     checkpoint: str | None = MISSING
     cache: bool = MISSING
+    convergence: ConvergenceSettings = field(default_factory=ConvergenceSettings)
 
 
 @dataclass
@@ -102,6 +109,7 @@ class FinetuneSettings(TrainingSettings):
 class MeasureSettings:
     warmup: int = MISSING
     repeats: int = MISSING
+    rounds: int = MISSING
     throughput_batch_size: int = MISSING
     throughput_repeats: int = MISSING
     threads: int | None = MISSING

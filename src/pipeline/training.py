@@ -28,6 +28,7 @@ class EvalResult:
     top5: float
     loss: float
     samples: int
+    correct: list[bool] = field(default_factory=list)  # top-1 right or wrong, image by image
 
 
 @dataclass
@@ -151,20 +152,21 @@ def evaluate(
     desc: str = "eval",
 ) -> EvalResult:
     model.eval()
-    correct1 = correct5 = seen = 0
+    correct5 = seen = 0
     total_loss = 0.0
+    correct: list[bool] = []
     for images, labels in _progress(loader, desc):
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         logits = model(images)
         total_loss += criterion(logits, labels).item() * len(labels)
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hits = top.eq(labels.unsqueeze(1))
-        correct1 += hits[:, 0].sum().item()
+        correct += hits[:, 0].tolist()
         correct5 += hits.any(dim=1).sum().item()
         seen += len(labels)
     if seen == 0:
         return EvalResult(math.nan, math.nan, math.nan, 0)
-    return EvalResult(correct1 / seen, correct5 / seen, total_loss / seen, seen)
+    return EvalResult(sum(correct) / seen, correct5 / seen, total_loss / seen, seen, correct)
 
 
 def lr_schedule(

@@ -1,7 +1,13 @@
-"""Stage 5: quality, size and speed of a model, and the baseline-vs-pruned comparison."""
+"""Stage 5: quality, size and speed of a model, and the baseline-vs-pruned comparison.
+
+Both models are evaluated on the same test images and timed in alternating rounds, so that the
+accuracy change and the latency ratio come with the uncertainty of a paired comparison
+(pipeline.uncertainty)."""
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from collections.abc import Iterable
 
 import torch
@@ -9,14 +15,25 @@ from torch import nn
 
 from pipeline.data import StageInputs
 from pipeline.inference import inference_model
-from pipeline.latency import LatencyStats, measure_latency
+from pipeline.latency import (
+    LatencyStats,
+    PairedLatency,
+    free_threads,
+    measure_latency,
+    measure_latency_pair,
+)
 from pipeline.model_stats import count_macs, count_params, size_bytes
 from pipeline.schema import MeasureSettings
 from pipeline.training import evaluate
+from pipeline.uncertainty import accuracy_change, latency_ratio
+
+# A latency interval wider than this (high / low) says the machine was too busy to trust.
+NOISY_INTERVAL = 1.2
 
 
 def quality(model: nn.Module, test_loader: Iterable, inputs: StageInputs) -> dict:
-    """Test top-1/top-5/loss plus parameters, MACs and size in bytes."""
+    """Test top-1/top-5/loss plus parameters, MACs and size in bytes; `correct` holds whether
+    each test image was classified right (for the paired comparison)."""
     device = inputs.device
     result = evaluate(model.to(device), test_loader, inputs.criterion, device, desc="test")
     return {
@@ -24,10 +41,22 @@ def quality(model: nn.Module, test_loader: Iterable, inputs: StageInputs) -> dic
         "top5": result.top5,
         "loss": result.loss,
         "test_samples": result.samples,
+        "correct": result.correct,
         "params": count_params(model),
         "macs": count_macs(model, inputs.input_shape),
         "size_bytes": size_bytes(model),
     }
+
+
+def prepared(model: nn.Module, input_shape: tuple[int, ...], device, settings: MeasureSettings):
+    """The model's inference form: measure.runtime, measure.fold_bn, measure.channels_last."""
+    return inference_model(
+        model.to(device),
+        input_shape,
+        settings.runtime.value,
+        settings.fold_bn,
+        settings.channels_last,
+    )
 
 
 def timed(
@@ -38,60 +67,96 @@ def timed(
     batch_size: int = 1,
     repeats: int | None = None,
 ) -> LatencyStats:
-    """Latency of the model's inference form (measure.runtime, measure.fold_bn,
-    measure.channels_last) with measure.warmup and measure.threads: how the measure stage and
-    benchmarks/latency.py time every model, so that their figures agree."""
-    prepared = inference_model(
-        model.to(device),
-        input_shape,
-        settings.runtime.value,
-        settings.fold_bn,
-        settings.channels_last,
-    )
+    """Latency of one model's inference form with measure.warmup and measure.threads."""
+    threads = settings.threads if settings.threads is not None else free_threads()[0]
     return measure_latency(
-        prepared,
+        prepared(model, input_shape, device, settings),
         input_shape,
         device,
         batch_size=batch_size,
-        warmup=settings.warmup if batch_size == 1 else min(settings.warmup, 3),
+        warmup=_warmup(settings, batch_size),
         repeats=settings.repeats if repeats is None else repeats,
-        threads=settings.threads,
+        threads=threads if device.type == "cpu" else None,
         channels_last=settings.channels_last,
     )
 
 
-def speed(
-    model: nn.Module,
+def timed_pair(
+    baseline: nn.Module,
+    pruned: nn.Module,
     input_shape: tuple[int, ...],
     device: torch.device,
     settings: MeasureSettings,
-) -> dict:
-    """Batch-1 latency percentiles and large-batch throughput on `device`."""
-    single = timed(model, input_shape, device, settings)
-    batched = timed(
-        model,
+    batch_size: int = 1,
+    repeats: int | None = None,
+) -> PairedLatency:
+    """Both models' inference forms timed in alternating rounds (measure.rounds): how the
+    measure stage and benchmarks/latency.py time every pair, so that their figures agree."""
+    repeats = settings.repeats if repeats is None else repeats
+    threads = settings.threads if settings.threads is not None else free_threads()[0]
+    return measure_latency_pair(
+        prepared(baseline, input_shape, device, settings),
+        prepared(pruned, input_shape, device, settings),
+        input_shape,
+        device,
+        batch_size=batch_size,
+        warmup=_warmup(settings, batch_size),
+        repeats=repeats,
+        rounds=min(settings.rounds, repeats),
+        threads=threads if device.type == "cpu" else None,
+        channels_last=settings.channels_last,
+    )
+
+
+def _warmup(settings: MeasureSettings, batch_size: int) -> int:
+    return settings.warmup if batch_size == 1 else min(settings.warmup, 3)
+
+
+def _latency_report(stats: LatencyStats) -> dict:
+    return {"p50": stats.p50, "p90": stats.p90, "mean": stats.mean, "stdev": stats.stdev}
+
+
+def speed(
+    baseline: nn.Module,
+    pruned: nn.Module,
+    input_shape: tuple[int, ...],
+    device: torch.device,
+    settings: MeasureSettings,
+) -> tuple[dict, dict, dict]:
+    """Batch-1 latency and large-batch throughput of both models, timed in alternating rounds;
+    returns each model's figures and the comparison (ratio, interval, load)."""
+    load_before = os.getloadavg()[0]
+    threads, busy = free_threads() if settings.threads is None else (settings.threads, None)
+    settings = dataclasses.replace(settings, threads=threads)
+    single = timed_pair(baseline, pruned, input_shape, device, settings)
+    batched = timed_pair(
+        baseline,
+        pruned,
         input_shape,
         device,
         settings,
         batch_size=settings.throughput_batch_size,
         repeats=settings.throughput_repeats,
     )
-    return {
-        "latency_ms": {
-            "p50": single.p50,
-            "p90": single.p90,
-            "mean": single.mean,
-            "stdev": single.stdev,
-        },
-        "throughput": batched.throughput,
+    load_after = os.getloadavg()[0]
+    common = {
         "latency_device": device.type,
         "runtime": {
             "name": settings.runtime.value,
             "fold_bn": settings.fold_bn,
             "channels_last": settings.channels_last,
         },
-        "threads": torch.get_num_threads() if settings.threads is None else settings.threads,
+        "threads": threads if device.type == "cpu" else None,
     }
+    ratio = latency_ratio(single.baseline_rounds, single.pruned_rounds)
+    ratio["noisy"] = bool(ratio["ci_high"] / ratio["ci_low"] > NOISY_INTERVAL)
+    ratio["load_average"] = {"before": load_before, "after": load_after, "cpus": os.cpu_count()}
+    ratio["threads"], ratio["busy_cores"] = common["threads"], busy
+    sides = [
+        {"latency_ms": _latency_report(stats), "throughput": many.throughput} | common
+        for stats, many in ((single.baseline, batched.baseline), (single.pruned, batched.pruned))
+    ]
+    return sides[0], sides[1], ratio
 
 
 def reduction_pct(baseline: float, pruned: float) -> float:
@@ -102,14 +167,21 @@ def measure(
     baseline_model: nn.Module,
     baseline_quality: dict,
     pruned_model: nn.Module,
+    test_loader: Iterable,
     inputs: StageInputs,
     settings: MeasureSettings,
+    seed: int = 0,
 ) -> dict:
-    """Measure both models the same way; the baseline's quality comes from the baseline stage."""
-    shape, device = inputs.input_shape, inputs.device
-    pruned_quality = quality(pruned_model, inputs.loaders.test, inputs)
-    baseline_report = baseline_quality | speed(baseline_model, shape, device, settings)
-    pruned_report = pruned_quality | speed(pruned_model, shape, device, settings)
+    """Measure both models the same way, on the same test images as the baseline's quality."""
+    pruned_quality = quality(pruned_model, test_loader, inputs)
+    base_speed, pruned_speed, ratio = speed(
+        baseline_model, pruned_model, inputs.input_shape, inputs.device, settings
+    )
+    change = accuracy_change(
+        baseline_quality.pop("correct"), pruned_quality.pop("correct"), seed=seed
+    )
+    baseline_report = baseline_quality | base_speed
+    pruned_report = pruned_quality | pruned_speed
     reductions = {
         key: reduction_pct(baseline_report[key], pruned_report[key])
         for key in ("params", "macs", "size_bytes")
@@ -122,4 +194,6 @@ def measure(
         "pruned": pruned_report,
         "reduction_pct": reductions,
         "accuracy_drop_points": 100.0 * (baseline_report["accuracy"] - pruned_report["accuracy"]),
+        "accuracy_change": change,
+        "latency_ratio": ratio,
     }
