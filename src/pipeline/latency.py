@@ -47,19 +47,16 @@ def cpu_threads(threads: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def free_threads(default: int | None = None, window_s: float = 0.5) -> tuple[int, int]:
-    """(threads, busy cores): torch's default thread count, less the cores that other processes
-    kept busy over `window_s` seconds while this one slept; at least one thread."""
+def busy_cores(window_s: float = 0.5) -> int:
+    """How many CPUs other processes kept busy over `window_s` seconds while this one slept."""
     import psutil
 
-    default = default or torch.get_num_threads()
     cpus = os.cpu_count() or 1
     own = psutil.Process()
     own.cpu_percent(None)
     machine = psutil.cpu_percent(interval=window_s)  # percent of all CPUs together
     others = max(0.0, machine * cpus - own.cpu_percent(None)) / 100.0
-    busy = min(cpus, int(others + 0.5))
-    return max(1, min(default, cpus - busy)), busy
+    return min(cpus, int(others + 0.5))
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -116,25 +113,6 @@ class CallTimer:
             self.model(self.batch)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-
-
-@torch.inference_mode()
-def measure_latency(
-    model: nn.Module,
-    input_shape: tuple[int, ...],
-    device: torch.device,
-    batch_size: int = 1,
-    warmup: int = 10,
-    repeats: int = 50,
-    threads: int | None = None,
-    channels_last: bool = False,
-) -> LatencyStats:
-    """Time `repeats` forward passes of a random batch after `warmup` untimed ones."""
-    timer = CallTimer(model, input_shape, device, batch_size, channels_last)
-    with cpu_threads(threads):
-        timer.warm_up(warmup)
-        times_ms = [timer() for _ in range(repeats)]
-    return stats_of(times_ms, batch_size)
 
 
 @dataclass

@@ -47,10 +47,7 @@ def notes(record: dict) -> list[str]:
         f"{ratio['ci_high']:.3f}] over {ratio['rounds']} alternating rounds"
     )
     if ratio.get("busy_cores"):
-        line += (
-            f"; {ratio['busy_cores']} of {load['cpus']} CPUs were busy with other work, so both "
-            f"models were timed on {ratio['threads']} thread(s)"
-        )
+        line += f"; {ratio['busy_cores']} of {load['cpus']} CPUs were busy with other work"
     if ratio["noisy"]:
         line += (
             f"; the machine was noisy (load average {load['before']:.2f} -> {load['after']:.2f}"

@@ -6,7 +6,6 @@ accuracy change and the latency ratio come with the uncertainty of a paired comp
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Iterable
 
@@ -18,8 +17,7 @@ from pipeline.inference import inference_model
 from pipeline.latency import (
     LatencyStats,
     PairedLatency,
-    free_threads,
-    measure_latency,
+    busy_cores,
     measure_latency_pair,
 )
 from pipeline.model_stats import count_macs, count_params, size_bytes
@@ -59,28 +57,6 @@ def prepared(model: nn.Module, input_shape: tuple[int, ...], device, settings: M
     )
 
 
-def timed(
-    model: nn.Module,
-    input_shape: tuple[int, ...],
-    device: torch.device,
-    settings: MeasureSettings,
-    batch_size: int = 1,
-    repeats: int | None = None,
-) -> LatencyStats:
-    """Latency of one model's inference form with measure.warmup and measure.threads."""
-    threads = settings.threads if settings.threads is not None else free_threads()[0]
-    return measure_latency(
-        prepared(model, input_shape, device, settings),
-        input_shape,
-        device,
-        batch_size=batch_size,
-        warmup=_warmup(settings, batch_size),
-        repeats=settings.repeats if repeats is None else repeats,
-        threads=threads if device.type == "cpu" else None,
-        channels_last=settings.channels_last,
-    )
-
-
 def timed_pair(
     baseline: nn.Module,
     pruned: nn.Module,
@@ -93,7 +69,6 @@ def timed_pair(
     """Both models' inference forms timed in alternating rounds (measure.rounds): how the
     measure stage and benchmarks/latency.py time every pair, so that their figures agree."""
     repeats = settings.repeats if repeats is None else repeats
-    threads = settings.threads if settings.threads is not None else free_threads()[0]
     return measure_latency_pair(
         prepared(baseline, input_shape, device, settings),
         prepared(pruned, input_shape, device, settings),
@@ -103,7 +78,7 @@ def timed_pair(
         warmup=_warmup(settings, batch_size),
         repeats=repeats,
         rounds=min(settings.rounds, repeats),
-        threads=threads if device.type == "cpu" else None,
+        threads=settings.threads,
         channels_last=settings.channels_last,
     )
 
@@ -126,8 +101,9 @@ def speed(
     """Batch-1 latency and large-batch throughput of both models, timed in alternating rounds;
     returns each model's figures and the comparison (ratio, interval, load)."""
     load_before = os.getloadavg()[0]
-    threads, busy = free_threads() if settings.threads is None else (settings.threads, None)
-    settings = dataclasses.replace(settings, threads=threads)
+    # Other work on the CPUs (a second job, a build) stalls the threads of every layer; the
+    # ratio then says more about layer counts than about widths. Say so instead of hiding it.
+    busy = busy_cores() if device.type == "cpu" else 0
     single = timed_pair(baseline, pruned, input_shape, device, settings)
     batched = timed_pair(
         baseline,
@@ -146,12 +122,12 @@ def speed(
             "fold_bn": settings.fold_bn,
             "channels_last": settings.channels_last,
         },
-        "threads": threads if device.type == "cpu" else None,
+        "threads": torch.get_num_threads() if settings.threads is None else settings.threads,
     }
     ratio = latency_ratio(single.baseline_rounds, single.pruned_rounds)
-    ratio["noisy"] = bool(ratio["ci_high"] / ratio["ci_low"] > NOISY_INTERVAL)
+    ratio["noisy"] = bool(ratio["ci_high"] / ratio["ci_low"] > NOISY_INTERVAL or busy > 0)
     ratio["load_average"] = {"before": load_before, "after": load_after, "cpus": os.cpu_count()}
-    ratio["threads"], ratio["busy_cores"] = common["threads"], busy
+    ratio["busy_cores"] = busy
     sides = [
         {"latency_ms": _latency_report(stats), "throughput": many.throughput} | common
         for stats, many in ((single.baseline, batched.baseline), (single.pruned, batched.pruned))
