@@ -16,6 +16,30 @@ from pipeline.errors import ConfigError
         ),
         ("baseline.epochs=x", "baseline.epochs='x' is not allowed; allowed values: an integer"),
         (
+            "finetune.optimizer._target_=torch.optim.Nope",
+            "finetune.optimizer._target_='torch.optim.Nope' is not allowed; allowed values: an "
+            "importable class or function (torch.optim has no Nope)",
+        ),
+        (
+            "criterion._target_=nope.Loss",
+            "criterion._target_='nope.Loss' is not allowed; allowed values: an importable class "
+            "or function ('nope.Loss' names no module)",
+        ),
+        (
+            "pruner.config_list=[{op_types:[Conv2d]}]",
+            "pruner.config_list[0]={'op_types': ['Conv2d']} is not allowed; allowed values: "
+            "exactly one of sparsity, sparsity_per_layer, total_sparsity (or exclude: true)",
+        ),
+        (
+            "pruner.config_list=[{sparsity:0.3,op_types:[Conv9d]}]",
+            "pruner.config_list[0].op_types='Conv9d' is not allowed; allowed values: torch.nn "
+            "layer class names such as Conv2d, Linear",
+        ),
+        (
+            "pruner.config_list=[{sparsity:1.3}]",
+            "pruner.config_list[0].sparsity=1.3 is not allowed; allowed values: a number in (0, 1)",
+        ),
+        (
             "pruner.mode=greedy",
             "pruner.mode='greedy' is not allowed; allowed values: normal, dependency_aware",
         ),
@@ -44,6 +68,14 @@ def test_bad_settings_fail_with_one_line_naming_key_and_allowed_values(tiny, ove
     with pytest.raises(ConfigError) as caught:
         tiny(override)
     assert str(caught.value) == expected
+
+
+def test_a_missing_mandatory_value_names_the_key(tiny):
+    with pytest.raises(ConfigError) as caught:
+        tiny("dataset=imagefolder", "dataset.root=/nonexistent")
+    assert str(caught.value) == (
+        "dataset.num_classes is required and has no value; set it, e.g. dataset.num_classes=..."
+    )
 
 
 def test_good_settings_come_back_typed(tiny):

@@ -30,6 +30,9 @@ def job(cfg: DictConfig) -> float:
     from pipeline.run import run
     from pipeline.tracking import tracked_run
 
+    # MLflow's INFO lines (system metrics monitor started/stopped) would surround the one line
+    # that matters when a run fails; its warnings still show.
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     log_file = run_dir / f"{hydra_cfg.job.name}.log"

@@ -7,6 +7,7 @@ Every failure becomes one ConfigError line naming the key and the allowed values
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import types
 import typing
 from enum import Enum
@@ -17,9 +18,10 @@ from hydra import initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from pipeline import schema
+from pipeline.config_list import SPARSITY_KEYS
 from pipeline.errors import ConfigError
 from pipeline.schema import RunSettings
 
@@ -78,6 +80,11 @@ def _causes(error: BaseException) -> list[BaseException]:
 
 def _one_line(error: OmegaConfBaseException) -> str:
     key = error.full_key
+    if isinstance(error, MissingMandatoryValue) or "Missing mandatory value: " in str(error):
+        # Also reached through an interpolation (model.num_classes: ${dataset.num_classes}).
+        missing = str(error).split("Missing mandatory value: ")[-1].split()[0]
+        missing = missing if "Missing mandatory value: " in str(error) else key
+        return f"{missing} is required and has no value; set it, e.g. {missing}=..."
     value = getattr(error, "value", None)
     kind = field_type(key)
     if "not in" in str(error) and "Key" in str(error):
@@ -163,7 +170,85 @@ def settings_from(cfg: DictConfig) -> RunSettings:
         if not is_allowed(value):
             shown = value if isinstance(value, (int, float, str)) else "<given value>"
             raise ConfigError(f"{key}={shown!r} is not allowed; allowed values: {allowed}")
+    for key in TARGETS:
+        check_target(key, OmegaConf.select(typed, key))
+    check_config_list(OmegaConf.to_container(typed.pruner).get("config_list"))
     return OmegaConf.to_object(typed)
+
+
+# Every `_target_` a run builds something from; checked before any work, so that a typo in the
+# fine-tuning optimizer does not surface after the baseline has trained.
+TARGETS = (
+    "model._target_",
+    "dataset._target_",
+    "criterion._target_",
+    "baseline.optimizer._target_",
+    "finetune.optimizer._target_",
+    "pruner._target_",
+)
+
+
+def check_target(key: str, path: Any) -> None:
+    """`path` names an importable class or function (module path, then attributes)."""
+    parts = str(path).split(".")
+    found, reason = None, f"{path!r} names no module"
+    for split in range(len(parts) - 1, 0, -1):
+        module_name = ".".join(parts[:split])
+        try:
+            found = importlib.import_module(module_name)
+        except ImportError:
+            continue
+        for attribute in parts[split:]:
+            found = getattr(found, attribute, None)
+            if found is None:
+                reason = f"{module_name} has no {'.'.join(parts[split:])}"
+                break
+        break
+    if found is None or not callable(found):
+        raise ConfigError(
+            f"{key}={path!r} is not allowed; allowed values: an importable class or function "
+            f"({reason})"
+        )
+
+
+# NNI 2.x config-list keys: what an entry may hold besides one sparsity key.
+ENTRY_KEYS = {*SPARSITY_KEYS, "max_sparsity_per_layer", "op_types", "op_names", "op_partial_names"}
+
+
+def check_config_list(config_list: Any) -> None:
+    """A user's NNI config list: dicts with exactly one sparsity key in (0, 1) (or exclude: true),
+    op types that are torch.nn layer classes, and no unknown keys."""
+    if config_list is None:
+        return
+    import torch.nn
+
+    for index, entry in enumerate(config_list):
+        key = f"pruner.config_list[{index}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{key}={entry!r} is not allowed; allowed values: a dict")
+        unknown = set(entry) - ENTRY_KEYS - {"exclude"}
+        if unknown:
+            allowed = ", ".join(sorted(ENTRY_KEYS | {"exclude"}))
+            raise ConfigError(f"{key}.{sorted(unknown)[0]} is not a key; allowed keys: {allowed}")
+        for op_type in entry.get("op_types") or []:
+            if not isinstance(getattr(torch.nn, str(op_type), None), type):
+                raise ConfigError(
+                    f"{key}.op_types={op_type!r} is not allowed; allowed values: torch.nn layer "
+                    f"class names such as Conv2d, Linear"
+                )
+        if entry.get("exclude"):
+            continue
+        given = [name for name in SPARSITY_KEYS if name in entry]
+        if len(given) != 1:
+            raise ConfigError(
+                f"{key}={entry!r} is not allowed; allowed values: exactly one of "
+                f"{', '.join(SPARSITY_KEYS)} (or exclude: true)"
+            )
+        value = entry[given[0]]
+        if not (_number(value) and 0 < value < 1):
+            raise ConfigError(
+                f"{key}.{given[0]}={value!r} is not allowed; allowed values: a number in (0, 1)"
+            )
 
 
 def _without_hydra(tree: dict) -> dict:
