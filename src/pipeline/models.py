@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -64,6 +65,19 @@ def load_state_dict(path: str | Path, key: str) -> dict[str, torch.Tensor]:
 
             return load_file(path)
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # torch's weights_only loader refused an object that is not a tensor: pickled code.
+        raise WeightsUnavailableError(
+            f"{key}={path}: refused, the file holds pickled objects, not only tensors; "
+            f"allowed values: a .safetensors file or a torch state dict of tensors"
+        ) from None
     except Exception as error:
-        raise WeightsUnavailableError(f"{key}={path}: unreadable checkpoint ({error})") from None
-    return state.get("state_dict", state) if isinstance(state, dict) else state
+        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+        raise WeightsUnavailableError(
+            f"{key}={path}: unreadable checkpoint ({type(error).__name__}: {reason})"
+        ) from None
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise WeightsUnavailableError(f"{key}={path}: not a state dict of tensors")
+    return state
