@@ -80,11 +80,13 @@ def _causes(error: BaseException) -> list[BaseException]:
 
 def _one_line(error: OmegaConfBaseException) -> str:
     key = error.full_key
-    if isinstance(error, MissingMandatoryValue) or "Missing mandatory value: " in str(error):
-        # Also reached through an interpolation (model.num_classes: ${dataset.num_classes}).
+    if "Missing mandatory value: " in str(error):
+        # Also reached through an interpolation (model.num_classes: ${dataset.num_classes}):
+        # the message names the key that has no value.
         missing = str(error).split("Missing mandatory value: ")[-1].split()[0]
-        missing = missing if "Missing mandatory value: " in str(error) else key
         return f"{missing} is required and has no value; set it, e.g. {missing}=..."
+    if isinstance(error, MissingMandatoryValue):
+        return f"{key} is required and has no value; set it, e.g. {key}=..."
     value = getattr(error, "value", None)
     kind = field_type(key)
     if "not in" in str(error) and "Key" in str(error):
@@ -274,8 +276,8 @@ def job_overrides(args: list[str]) -> list[list[str]]:
         parsed = OverridesParser.create().parse_overrides(wanted)
     except HydraException as error:
         raise ConfigError(str(error).strip().splitlines()[0]) from None
-    if any(o.is_sweep_override() and not _listable(o) for o in parsed):
-        parsed = [o for o in parsed if not o.is_sweep_override() or _listable(o)]
+    # Sweeps that do not list their values (Optuna intervals) are left to the job's own check.
+    parsed = [o for o in parsed if not o.is_sweep_override() or _listable(o)]
     choices = []
     for override in parsed:
         key = override.get_key_element()
