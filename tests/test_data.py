@@ -8,7 +8,7 @@ from PIL import Image
 from torch.utils.data import TensorDataset
 
 from pipeline.data import DataSplits, digits, imagefolder, make_loaders, stratified_indices
-from pipeline.errors import ConfigError, DataUnavailableError
+from pipeline.errors import ConfigError
 
 
 def test_digits_splits_are_deterministic_stratified_and_disjoint():
@@ -125,5 +125,15 @@ def test_imagefolder_splits_are_disjoint_stratified_and_labelled(image_tree, tin
 def test_imagefolder_checks_the_class_count_and_the_folder(image_tree, tmp_path):
     with pytest.raises(ConfigError, match="dataset.num_classes=4 .* 3 class folders"):
         imagefolder(str(image_tree), 4, 16, 0.2, 0.2, seed=0)
-    with pytest.raises(DataUnavailableError, match="dataset.root="):
+    with pytest.raises(ConfigError, match="dataset.root=.* no such folder"):
         imagefolder(str(tmp_path / "nowhere"), 3, 16, 0.2, 0.2, seed=0)
+    flat = tmp_path / "flat"  # images with no class folders
+    flat.mkdir()
+    (flat / "a.png").write_bytes(b"")
+    with pytest.raises(ConfigError, match="dataset.root=.* has no class folders"):
+        imagefolder(str(flat), 3, 16, 0.2, 0.2, seed=0)
+
+
+def test_imagefolder_takes_the_class_count_from_its_folders(image_tree, tiny):
+    settings = tiny("dataset=imagefolder", f"dataset.root={image_tree}")
+    assert settings.dataset["num_classes"] == 3 and settings.model["num_classes"] == 3

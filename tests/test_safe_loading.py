@@ -1,6 +1,6 @@
 """No loader of weights runs code: a crafted pickle whose payload would create a file is refused
-by every loader (checkpoints and model weights with one line; the baseline cache and pruned
-models, which are safetensors only, with safetensors' own error)."""
+by every loader (checkpoints, model weights and pruned models with one line; a baseline cache
+entry, which can always be made again, is set aside and trained again)."""
 
 import os
 import pickle
@@ -8,10 +8,13 @@ import pickle
 import pytest
 import torch
 
+from conftest import digits_inputs
 from pipeline import load_pruned
 from pipeline.cache import load_weights
+from pipeline.config import compose, settings_from
 from pipeline.errors import WeightsUnavailableError
 from pipeline.models import load_state_dict, mobilenet_v2
+from pipeline.stages.baseline import baseline
 
 
 class Payload:
@@ -60,6 +63,15 @@ def test_cache_and_pruned_model_loaders_refuse_pickled_code(tmp_path, marker):
     raw = crafted_files(tmp_path, marker)["raw.safetensors"]
     with pytest.raises(Exception):  # noqa: B017  (safetensors' own error: not a safetensors file)
         load_weights(raw)
+    # The baseline stage reads the payload as its cache entry: refused, removed, trained again.
+    cache_path = tmp_path / "cache" / "baselines" / "entry.safetensors"
+    cache_path.parent.mkdir(parents=True)
+    cache_path.write_bytes(raw.read_bytes())
+    settings = settings_from(compose(["baseline.epochs=1", "max_batches=1"]))
+    model = mobilenet_v2(num_classes=10)
+    result = baseline(model, digits_inputs(max_batches=1), settings.baseline, cache_path)
+    assert result.source == "trained"
+    assert load_weights(cache_path)[0].keys() == model.state_dict().keys()
     folder = tmp_path / "pruned_model"
     folder.mkdir()
     (folder / "architecture.json").write_text(
@@ -67,6 +79,7 @@ def test_cache_and_pruned_model_loaders_refuse_pickled_code(tmp_path, marker):
         ' "layers": {}}'
     )
     (folder / "model.safetensors").write_bytes(raw.read_bytes())
-    with pytest.raises(Exception):  # noqa: B017
+    with pytest.raises(WeightsUnavailableError, match="not a pruned model") as refused:
         load_pruned(folder)
+    assert "\n" not in str(refused.value)
     assert not marker.exists(), "the payload ran"

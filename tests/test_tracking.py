@@ -117,27 +117,6 @@ def test_interrupt_ends_the_run_killed(tiny_config):
     assert only_run(Path(cfg.paths.output_root)).info.status == "KILLED"
 
 
-@pytest.mark.parametrize(
-    ("override", "message"),
-    [
-        ("pruner.activation=tanh", "pruner.activation='tanh' is not allowed"),  # an enum
-        ("pruner=magnitude", "pruner='magnitude' is not allowed"),  # a group choice
-        # Used only after the baseline has trained: checked before it all the same.
-        ("finetune.optimizer._target_=torch.optim.Nope", "torch.optim has no Nope"),
-        ("pruner.config_list=[{op_types:[Conv2d]}]", "exactly one of sparsity"),
-    ],
-)
-def test_bad_input_leaves_a_failed_run(tmp_path, override, message):
-    result = run_cli(override, f"paths.output_root={tmp_path}", cwd=ROOT)
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
-    run = only_run(tmp_path)
-    assert run.info.status == "FAILED"
-    assert message in run.data.tags["error"]
-    assert not (tmp_path / "cache").exists(), "a rejected run must not train or cache anything"
-
-
 def test_tracking_none_writes_no_store(tiny_config, tmp_path):
     cfg = tiny_config("tracking=none")
     with tracked_run(cfg) as tracker:

@@ -18,8 +18,15 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from pipeline.config import SEARCH_PATH, check_command_line, compose, settings_from
+from pipeline.config import (
+    SEARCH_PATH,
+    check_command_line,
+    compose,
+    settings_from,
+    tracking_store,
+)
 from pipeline.errors import ConfigError, PipelineError
+from pipeline.preflight import check_inputs, check_tracking_server
 
 failed_jobs: list[str] = []
 
@@ -42,7 +49,9 @@ def job(cfg: DictConfig) -> float:
             tracker.set_tags(
                 {f"choice.{group}": str(choice) for group, choice in _choices(hydra_cfg).items()}
             )
-            record = run(settings_from(cfg), run_dir, tracker)
+            settings = settings_from(cfg)
+            check_inputs(settings)  # again: a sweeper's sampled values were not pre-checked
+            record = run(settings, run_dir, tracker)
     except PipelineError as error:
         print(f"error: {error}", file=sys.stderr)
         if hydra_cfg.mode == RunMode.MULTIRUN:  # let the other jobs of the sweep run
@@ -64,12 +73,8 @@ def _choices(hydra_cfg) -> dict[str, str]:
 
 def record_rejected_run(args: list[str], error: ConfigError) -> None:
     """Leave a FAILED MLflow run for a command line rejected before any job ran, in the store
-    its other overrides (tracking.uri, paths.output_root, ...) point at."""
-    import mlflow  # noqa: F401  (imported first: it sets up its loggers on import)
-
-    from pipeline.tracking import tracked_run
-
-    logging.getLogger("mlflow").setLevel(logging.WARNING)  # keep the error the only line shown
+    its other overrides (tracking.uri, paths.output_root, ...) point at, when that store is
+    enabled and reachable."""
     usable = []
     for arg in args:
         if arg.startswith("-") or "=" not in arg or arg.startswith("hydra") or "," in arg:
@@ -79,9 +84,19 @@ def record_rejected_run(args: list[str], error: ConfigError) -> None:
             usable.append(arg)
     try:
         cfg = compose(usable)
+        settings = settings_from(cfg)
+        if not settings.tracking.enabled:
+            return
+        key, uri = tracking_store(settings)
+        check_tracking_server(uri, key)
+        import mlflow  # noqa: F401  (imported first: it sets up its loggers on import)
+
+        from pipeline.tracking import tracked_run
+
+        logging.getLogger("mlflow").setLevel(logging.WARNING)  # the error stays the only line
         with contextlib.suppress(ConfigError), tracked_run(cfg, run_name="rejected"):
             raise error
-    except Exception:  # best effort: the one-line error below is what the user must see
+    except Exception:  # best effort: the one-line error, printed before, is what matters
         pass
 
 
@@ -95,11 +110,16 @@ def main() -> None:
     args = sys.argv[1:]
     if not any(arg in ("--help", "-h", "--hydra-help", "--info", "-i") for arg in args):
         try:
-            check_command_line(args)
+            doomed = check_command_line(args)
         except ConfigError as error:
+            print(f"error: {error}", file=sys.stderr, flush=True)
             record_rejected_run(args, error)
-            print(f"error: {error}", file=sys.stderr)
             sys.exit(2)
+        for error in doomed:
+            print(f"warning: a job of this sweep will fail: {error}", file=sys.stderr, flush=True)
     job()
     if failed_jobs:
+        print(f"{len(failed_jobs)} job(s) of the sweep failed:", file=sys.stderr)
+        for line in failed_jobs:
+            print(f"  {line}", file=sys.stderr)
         sys.exit(2)

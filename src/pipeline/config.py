@@ -22,7 +22,9 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from pipeline import schema
 from pipeline.config_list import SPARSITY_KEYS
+from pipeline.data_layout import class_count
 from pipeline.errors import ConfigError
+from pipeline.preflight import check_tracking_server
 from pipeline.schema import RunSettings
 
 CONFIG_MODULE = "pipeline.conf"  # conf/ at the top of the repository, packaged under this name
@@ -30,6 +32,8 @@ CONFIG_NAME = "config"
 SEARCH_PATH = f"pkg://{CONFIG_MODULE}"
 
 schema.register()
+# imagefolder's num_classes: ${class_count:${.root}}, the class folders under its root.
+OmegaConf.register_new_resolver("class_count", class_count, replace=True)
 
 
 def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
@@ -166,32 +170,50 @@ def settings_from(cfg: DictConfig) -> RunSettings:
         resolved = OmegaConf.to_container(cfg, resolve=True)
         typed = OmegaConf.merge(OmegaConf.structured(RunSettings), _without_hydra(resolved))
     except OmegaConfBaseException as error:
-        raise ConfigError(_one_line(error) if error.full_key else str(error)) from None
+        raise ConfigError(_failed_resolution(error)) from None
     for key, is_allowed, allowed in RANGES:
         value = OmegaConf.select(typed, key)
         if not is_allowed(value):
             shown = value if isinstance(value, (int, float, str)) else "<given value>"
             raise ConfigError(f"{key}={shown!r} is not allowed; allowed values: {allowed}")
-    for key in TARGETS:
-        check_target(key, OmegaConf.select(typed, key))
     check_config_list(OmegaConf.to_container(typed.pruner).get("config_list"))
+    for key in TARGETS:
+        found = check_target(key, OmegaConf.select(typed, key))
+        node = key.rpartition(".")[0]
+        if node not in BUILT_BY_ADAPTER:
+            check_arguments(node, found, OmegaConf.to_container(OmegaConf.select(typed, node)))
     return OmegaConf.to_object(typed)
 
 
+def _failed_resolution(error: OmegaConfBaseException) -> str:
+    """The line for a config that cannot be resolved: a ConfigError raised by a resolver (the
+    imagefolder root) keeps its own line."""
+    for cause in _causes(error):
+        if isinstance(cause, ConfigError):
+            return str(cause)
+    return _one_line(error) if error.full_key else str(error)
+
+
 # Every `_target_` a run builds something from; checked before any work, so that a typo in the
-# fine-tuning optimizer does not surface after the baseline has trained.
+# fine-tuning optimizer does not surface after the baseline has trained. Cheapest imports first
+# (torch is loaded already; NNI takes seconds), so that most typos are reported at once.
 TARGETS = (
-    "model._target_",
-    "dataset._target_",
     "criterion._target_",
     "baseline.optimizer._target_",
     "finetune.optimizer._target_",
+    "model._target_",
+    "dataset._target_",
     "pruner._target_",
 )
 
 
-def check_target(key: str, path: Any) -> None:
-    """`path` names an importable class or function (module path, then attributes)."""
+# The pruner's settings are read by the NNI adapter, not passed to its class as they are.
+BUILT_BY_ADAPTER = ("pruner",)
+
+
+def check_target(key: str, path: Any) -> Any:
+    """The class or function `path` names (module path, then attributes); ConfigError when it
+    cannot be imported or called."""
     parts = str(path).split(".")
     found, reason = None, f"{path!r} names no module"
     for split in range(len(parts) - 1, 0, -1):
@@ -211,6 +233,34 @@ def check_target(key: str, path: Any) -> None:
             f"{key}={path!r} is not allowed; allowed values: an importable class or function "
             f"({reason})"
         )
+    return found
+
+
+def check_arguments(node: str, target: Any, settings: dict) -> None:
+    """The keyword arguments a config node gives its `_target_` are ones it takes (a partial
+    target may leave some out: the run supplies them)."""
+    import inspect
+
+    arguments = {k: v for k, v in settings.items() if not (k.startswith("_") and k.endswith("_"))}
+    try:
+        signature = inspect.signature(target)
+    except (TypeError, ValueError):
+        return  # a builtin without a signature: nothing to check against
+    try:
+        signature.bind_partial(**arguments)
+    except TypeError:
+        takes = [
+            name
+            for name, parameter in signature.parameters.items()
+            if parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY)
+        ]
+        unknown = next((name for name in arguments if name not in takes), None)
+        if unknown is None:
+            return  # positional-only parameters: cannot be named, nothing more to say
+        raise ConfigError(
+            f"{node}.{unknown} is not an argument of {settings['_target_']}; allowed keys: "
+            f"{', '.join(takes)}"
+        ) from None
 
 
 # NNI 2.x config-list keys: what an entry may hold besides one sparsity key.
@@ -303,7 +353,39 @@ def _listable(override) -> bool:
     return True
 
 
-def check_command_line(args: list[str]) -> None:
-    """Compose and check every job the command line asks for; ConfigError on the first bad one."""
-    for overrides in job_overrides(args):
-        settings_from(compose(overrides))
+def check_command_line(args: list[str]) -> list[ConfigError]:
+    """Compose and check every job the command line asks for, and what each points at (data,
+    checkpoints, layers, tracking server).
+
+    A single run, or a sweep none of whose jobs can run, raises the first ConfigError. A sweep
+    whose other jobs can run gets back the errors of the failing ones: those fail alone, as
+    FAILED runs, and the rest of the sweep goes on.
+    """
+    from pipeline.preflight import check_inputs
+
+    errors, servers = [], set()
+    jobs = job_overrides(args)
+    for overrides in jobs:
+        try:
+            settings = settings_from(compose(overrides))
+            check_inputs(settings)
+        except ConfigError as error:
+            errors.append(error)
+            continue
+        if settings.tracking.enabled:
+            servers.add(tracking_store(settings))
+    for key, uri in sorted(servers):
+        check_tracking_server(uri, key)
+    if len(errors) == len(jobs):
+        raise errors[0]
+    return errors
+
+
+def tracking_store(settings: RunSettings) -> tuple[str, str]:
+    """The setting that picks the tracking store, and the store's URI."""
+    from pipeline.tracking import USER_TRACKING_URI, tracking_uri
+
+    key = (
+        "tracking.uri" if settings.tracking.uri or not USER_TRACKING_URI else "MLFLOW_TRACKING_URI"
+    )
+    return key, tracking_uri(settings.tracking.uri, settings.paths.output_root)

@@ -16,10 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset, Subset
-from torchvision import transforms as T
 
+from pipeline.data_layout import FASHION_MNIST_FILES, check_imagefolder
 from pipeline.errors import ConfigError, DataUnavailableError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -101,6 +100,8 @@ def stratified_indices(
 
 
 def _split(indices: np.ndarray, labels: np.ndarray, fraction: float, seed: int):
+    from sklearn.model_selection import train_test_split  # imported here: 1 s off start-up
+
     if fraction <= 0:
         return indices, indices[:0]
     counts = np.bincount(labels)
@@ -177,6 +178,7 @@ def digits(
 ) -> DataSplits:
     """scikit-learn's bundled 8x8 digits, upscaled to 3 x image_size x image_size."""
     from sklearn.datasets import load_digits
+    from torchvision import transforms as T
 
     bunch = load_digits()
     if num_classes != 10:
@@ -193,12 +195,6 @@ def digits(
         num_classes=10,
         input_shape=(3, image_size, image_size),
     )
-
-
-FASHION_MNIST_FILES = {
-    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
-    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
-}
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -226,6 +222,8 @@ def fashion_mnist(
     The official 60k/10k split; validation is carved, stratified, from the training part.
     `train_limit` keeps a stratified subset of the training images, for quick experiments.
     """
+    from torchvision import transforms as T
+
     if num_classes != 10:
         raise ConfigError(f"dataset.num_classes={num_classes} is not allowed; allowed values: 10")
     folder = Path(root)
@@ -265,6 +263,8 @@ def fashion_mnist(
 
 
 def _image_transforms(image_size: int) -> tuple[Callable, Callable]:
+    from torchvision import transforms as T
+
     normalize = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)
     train = T.Compose(
         [
@@ -328,6 +328,8 @@ def pets(
     else:
         paths, labels = _read_pet_list(base)
         # Same call as the reference evaluation, so the 1,470 test images match it.
+        from sklearn.model_selection import train_test_split
+
         rest, test_idx = train_test_split(
             np.arange(len(labels)),
             test_size=test_fraction,
@@ -380,16 +382,10 @@ def imagefolder(
     """Any torchvision ImageFolder tree (root/<class>/<image>), split stratified from the seed."""
     from torchvision.datasets import ImageFolder
 
-    if not Path(root).is_dir():
-        raise DataUnavailableError(f"dataset.root={root}: no such folder of class folders")
+    check_imagefolder({"root": root, "num_classes": num_classes})
     train_tf, eval_tf = _image_transforms(image_size)
     train_view = ImageFolder(root, transform=train_tf)
     eval_view = ImageFolder(root, transform=eval_tf)
-    if len(train_view.classes) != num_classes:
-        raise ConfigError(
-            f"dataset.num_classes={num_classes} does not match the "
-            f"{len(train_view.classes)} class folders under {root}"
-        )
     train, val, test = stratified_indices(train_view.targets, val_fraction, test_fraction, seed)
     return DataSplits(
         Subset(train_view, train),

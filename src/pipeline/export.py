@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from pipeline.errors import WeightsUnavailableError
 from pipeline.files import atomic_path
 
 FORMAT_VERSION = 1
@@ -98,20 +99,29 @@ def save_pruned(model: nn.Module, model_config: dict[str, Any], directory: str |
 
 
 def load_pruned(directory: str | Path, device: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild a model saved by save_pruned, in eval mode; needs neither NNI nor pickle."""
+    """Rebuild a model saved by save_pruned, in eval mode; needs neither NNI nor pickle.
+    A missing, truncated or foreign folder is refused with one WeightsUnavailableError line."""
     directory = Path(directory)
-    record = json.loads((directory / ARCHITECTURE_FILE).read_text())
-    if record.get("format") != FORMAT_VERSION:
-        raise ValueError(f"{directory}: unsupported pruned-model format {record.get('format')}")
-    model = build_from_config(record["model"])
-    for name, spec in record["layers"].items():
-        spec = dict(spec)
-        layer = LAYER_TYPES[spec.pop("type")]
-        for key in ("kernel_size", "stride", "padding", "dilation"):
-            if isinstance(spec.get(key), list):
-                spec[key] = tuple(spec[key])
-        model.set_submodule(name, layer(**spec))
-    model.load_state_dict(load_file(directory / WEIGHTS_FILE), strict=True)
+    try:
+        record = json.loads((directory / ARCHITECTURE_FILE).read_text())
+        if record.get("format") != FORMAT_VERSION:
+            raise ValueError(f"unsupported pruned-model format {record.get('format')!r}")
+        model = build_from_config(record["model"])
+        for name, spec in record["layers"].items():
+            spec = dict(spec)
+            layer = LAYER_TYPES[spec.pop("type")]
+            for key in ("kernel_size", "stride", "padding", "dilation"):
+                if isinstance(spec.get(key), list):
+                    spec[key] = tuple(spec[key])
+            model.set_submodule(name, layer(**spec))
+        model.load_state_dict(load_file(directory / WEIGHTS_FILE), strict=True)
+    except Exception as error:
+        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+        raise WeightsUnavailableError(
+            f"{directory}: not a pruned model that load_pruned can read "
+            f"({type(error).__name__}: {reason}); allowed values: a folder written by save_pruned "
+            f"({ARCHITECTURE_FILE} + {WEIGHTS_FILE})"
+        ) from None
     return model.to(device).eval()
 
 
@@ -120,6 +130,12 @@ def export_onnx(model: nn.Module, input_shape: tuple[int, ...], path: str | Path
     path = Path(path)
     model = model.eval().cpu()
     dummy = torch.zeros(1, *input_shape)
+    with atomic_path(path) as staging:
+        _onnx_export(model, dummy, staging)
+    return path
+
+
+def _onnx_export(model: nn.Module, dummy: torch.Tensor, path: Path) -> None:
     torch.onnx.export(
         model,
         (dummy,),
@@ -129,4 +145,3 @@ def export_onnx(model: nn.Module, input_shape: tuple[int, ...], path: str | Path
         dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
         dynamo=False,
     )
-    return path

@@ -40,3 +40,20 @@ def write_json(record: dict, path: str | Path) -> Path:
     with atomic_path(path) as staging:
         staging.write_text(json.dumps(record, indent=2, default=str))
     return Path(path)
+
+
+@contextlib.contextmanager
+def file_lock(path: str | Path) -> Iterator[None]:
+    """Hold an exclusive lock on `<path>.lock` (created if needed) while the block runs, so that
+    concurrent jobs and pipelines on the same output root make a file once: the first makes it,
+    the others wait and then find it. The lock goes with the process, even on SIGKILL."""
+    import fcntl
+
+    lock_path = Path(f"{path}.lock")
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -64,7 +65,11 @@ def load_state_dict(path: str | Path, key: str) -> dict[str, torch.Tensor]:
             from safetensors.torch import load_file
 
             return load_file(path)
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # Said of files pickled with another protocol, ours refused or not: noise on the
+            # console around the one line that matters.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
         # torch's weights_only loader refused an object that is not a tensor: pickled code.
         raise WeightsUnavailableError(

@@ -12,6 +12,7 @@ from torch import nn
 from pipeline.cache import load_weights, save_weights
 from pipeline.convergence import Convergence, check_convergence
 from pipeline.data import StageInputs
+from pipeline.files import file_lock
 from pipeline.models import load_state_dict
 from pipeline.schema import BaselineSettings
 from pipeline.training import fit
@@ -34,21 +35,52 @@ def baseline(
     settings: BaselineSettings,
     cache_path: Path | None,
 ) -> BaselineResult:
-    """Fill `model` with baseline weights: the checkpoint if given, else cached, else trained."""
+    """Fill `model` with baseline weights: the checkpoint if given, else cached, else trained.
+
+    Training and caching happen under a lock on the cache entry: jobs running at the same time
+    train it once, and the others wait for it instead of training their own copy.
+    """
     device = inputs.device
     if settings.checkpoint:
         model.load_state_dict(load_state_dict(settings.checkpoint, key="baseline.checkpoint"))
         return BaselineResult(model.to(device), "checkpoint", Path(settings.checkpoint))
-    if cache_path is not None and cache_path.is_file():
-        weights, metadata = load_weights(cache_path)
-        model.load_state_dict(weights)
+    if cache_path is None:
+        return trained(model, inputs, settings, None)
+    with file_lock(cache_path):
         # The training history travels with the weights, so a cached baseline is judged the same.
-        history = json.loads(metadata.get("history", "[]"))
-        return BaselineResult(
-            model.to(device), "cache", cache_path, history, converged(history, settings)
-        )
+        history = from_cache(model, cache_path)
+        if history is not None:
+            verdict = converged(history, settings)
+            return BaselineResult(model.to(device), "cache", cache_path, history, verdict)
+        return trained(model, inputs, settings, cache_path)
 
-    result = fit(model, inputs.loaders, inputs.criterion, settings, device, desc="baseline")
+
+def from_cache(model: nn.Module, cache_path: Path) -> list[dict] | None:
+    """Load the cached weights into `model` and return their training history; None when there
+    is no entry, or when it is unreadable or does not fit the model: it is then removed and
+    trained again (a cache entry can always be made again, so it never stops a run)."""
+    if not cache_path.is_file():
+        return None
+    try:
+        weights, metadata = load_weights(cache_path)
+        history = json.loads(metadata.get("history", "[]"))
+    except Exception as error:  # truncated, overwritten or foreign files all end the same way
+        reason = f"{type(error).__name__}: {str(error).strip()[:120]}"
+    else:
+        shapes = {name: tuple(tensor.shape) for name, tensor in weights.items()}
+        if shapes == {name: tuple(t.shape) for name, t in model.state_dict().items()}:
+            model.load_state_dict(weights)
+            return history
+        reason = "its tensors do not fit the model"
+    log.warning("the cached baseline %s is unusable (%s); training it again", cache_path, reason)
+    cache_path.unlink(missing_ok=True)
+    return None
+
+
+def trained(
+    model: nn.Module, inputs: StageInputs, settings: BaselineSettings, cache_path: Path | None
+) -> BaselineResult:
+    result = fit(model, inputs.loaders, inputs.criterion, settings, inputs.device, desc="baseline")
     if cache_path is not None:
         metadata = {"best_epoch": str(result.best_epoch), "history": json.dumps(result.history)}
         save_weights(model.state_dict(), cache_path, metadata=metadata)
