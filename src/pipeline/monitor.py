@@ -38,12 +38,13 @@ class StageMonitor:
     @contextlib.contextmanager
     def stage(self, name: str) -> Iterator[None]:
         """Time a stage, tag its status, and log its duration and resource use."""
-        log.info("stage %s: start", name)
-        self.tracker.set_tags({f"stage.{name}": "running"})
         self.sampler.begin_stage(name)
         began = time.perf_counter()
         status = "failed"
         try:
+            # Inside the try: an interrupt while the tag is written still ends the stage failed.
+            self.tracker.set_tags({f"stage.{name}": "running"})
+            log.info("stage %s: start", name)
             yield
             status = "finished"
         finally:

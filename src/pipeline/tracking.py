@@ -359,6 +359,15 @@ class SweepParentRun(Callback):
         atexit.register(self._close)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        # The comparison report of the jobs, from their measurements.json (tracking=none too);
+        # the parent run, still open, gets a copy under report/.
+        from pipeline.report.sweep import sweep_report
+
+        report = sweep_report(Path(str(config.hydra.sweep.dir)))
+        run_id = os.environ.get(PARENT_RUN_ENV)
+        if report is not None and run_id is not None and hasattr(self, "_client"):
+            with contextlib.suppress(Exception):  # a lost copy must not fail a finished sweep
+                self._client.log_artifacts(run_id, str(report), "report")
         self._close()
 
     def _close(self) -> None:

@@ -29,6 +29,10 @@ class EvalResult:
     loss: float
     samples: int
     correct: list[bool] = field(default_factory=list)  # top-1 right or wrong, image by image
+    # Image by image as well, for per-class figures (confusion matrix, recall per class).
+    predicted: list[int] = field(default_factory=list)  # top-1 class
+    labels: list[int] = field(default_factory=list)
+    classes: int = 0  # width of the model's output
 
 
 @dataclass
@@ -155,6 +159,9 @@ def evaluate(
     correct5 = seen = 0
     total_loss = 0.0
     correct: list[bool] = []
+    predicted: list[int] = []
+    truth: list[int] = []
+    classes = 0
     for images, labels in _progress(loader, desc):
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         logits = model(images)
@@ -162,11 +169,23 @@ def evaluate(
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         hits = top.eq(labels.unsqueeze(1))
         correct += hits[:, 0].tolist()
+        predicted += top[:, 0].tolist()
+        truth += labels.tolist()
+        classes = logits.shape[1]
         correct5 += hits.any(dim=1).sum().item()
         seen += len(labels)
     if seen == 0:
         return EvalResult(math.nan, math.nan, math.nan, 0)
-    return EvalResult(sum(correct) / seen, correct5 / seen, total_loss / seen, seen, correct)
+    return EvalResult(
+        sum(correct) / seen,
+        correct5 / seen,
+        total_loss / seen,
+        seen,
+        correct,
+        predicted,
+        truth,
+        classes,
+    )
 
 
 def lr_schedule(

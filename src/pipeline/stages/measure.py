@@ -2,11 +2,14 @@
 
 Both models are evaluated on the same test images and timed in alternating rounds, so that the
 accuracy change and the latency ratio come with the uncertainty of a paired comparison
-(pipeline.uncertainty)."""
+(pipeline.uncertainty). The stage also keeps, for the comparison report (pipeline.report), each
+model's per-class counts on those images and its resource use while it runs inference alone
+(see `inference_resources` for why alone and not during the paired rounds)."""
 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterable
 
 import torch
@@ -15,23 +18,37 @@ from torch import nn
 from pipeline.data import StageInputs
 from pipeline.inference import inference_model
 from pipeline.latency import (
+    CallTimer,
     LatencyStats,
     PairedLatency,
     busy_cores,
+    cpu_threads,
     measure_latency_pair,
 )
 from pipeline.model_stats import count_macs, count_params, size_bytes
+from pipeline.resources import ResourceSampler
 from pipeline.schema import MeasureSettings
 from pipeline.training import evaluate
 from pipeline.uncertainty import accuracy_change, latency_ratio
 
 # A latency interval wider than this (high / low) says the machine was too busy to trust.
 NOISY_INTERVAL = 1.2
+# Each model's resource window: long enough for NVML, whose utilisation figure averages over
+# 1/6 s to 1 s depending on the GPU, to see the model alone; short beside a run (2 s in all).
+RESOURCE_WINDOW_S = 1.0
+# CPU times tick every 10 ms: a shorter interval would read the process CPU share in steps of
+# more than 10 %.
+RESOURCE_INTERVAL_S = 0.1
+RESOURCE_MIN_CALLS = 3
+# Above this many classes the confusion matrix is not stored (its size grows as the square);
+# the per-class counts, which the precision/recall table needs, always are.
+MAX_CONFUSION_CLASSES = 50
 
 
 def quality(model: nn.Module, test_loader: Iterable, inputs: StageInputs) -> dict:
-    """Test top-1/top-5/loss plus parameters, MACs and size in bytes; `correct` holds whether
-    each test image was classified right (for the paired comparison)."""
+    """Test top-1/top-5/loss plus parameters, MACs and size in bytes; `correct`, `predicted`
+    and `labels` hold each test image's outcome (for the paired comparison and the per-class
+    counts; `measure` takes them out before anything is written)."""
     device = inputs.device
     result = evaluate(model.to(device), test_loader, inputs.criterion, device, desc="test")
     return {
@@ -40,6 +57,9 @@ def quality(model: nn.Module, test_loader: Iterable, inputs: StageInputs) -> dic
         "loss": result.loss,
         "test_samples": result.samples,
         "correct": result.correct,
+        "predicted": result.predicted,
+        "labels": result.labels,
+        "classes": result.classes,
         "params": count_params(model),
         "macs": count_macs(model, inputs.input_shape),
         "size_bytes": size_bytes(model),
@@ -118,15 +138,12 @@ def speed(
     input_shape: tuple[int, ...],
     device: torch.device,
     settings: MeasureSettings,
+    busy: int = 0,
 ) -> tuple[dict, dict, dict]:
-    """Batch-1 latency and large-batch throughput of both models, timed in alternating rounds;
-    returns each model's figures and the comparison (ratio, interval, load)."""
+    """Batch-1 latency and large-batch throughput of both models (already in their inference
+    form, `prepared`), timed in alternating rounds; returns each model's figures and the
+    comparison (ratio, interval, load). `busy`: CPUs other processes kept busy just before."""
     load_before = os.getloadavg()[0]
-    # Other work on the CPUs (a second job, a build) stalls the threads of every layer; the
-    # ratio then says more about layer counts than about widths. Say so instead of hiding it.
-    busy = busy_cores() if device.type == "cpu" else 0
-    # Prepared once (a BN-folded copy, traced and frozen with jit_freeze) for both timings.
-    baseline, pruned = (prepared(m, input_shape, device, settings) for m in (baseline, pruned))
     single = _time_prepared(baseline, pruned, input_shape, device, settings, 1, None)
     batched = _time_prepared(
         baseline,
@@ -158,6 +175,88 @@ def speed(
     return sides[0], sides[1], ratio
 
 
+@torch.inference_mode()
+def inference_resources(
+    models: dict[str, nn.Module],
+    input_shape: tuple[int, ...],
+    device: torch.device,
+    settings: MeasureSettings,
+) -> dict:
+    """Each model's resource use over time while it runs inference alone.
+
+    The latency timing cannot give this: it alternates rounds of both models, each a few tens
+    of milliseconds, far shorter than a resource sample (and than NVML's own averaging), so a
+    sample there would mix the two. Instead, after the paired timing, each model in turn runs
+    throughput batches (measure.throughput_batch_size, as the throughput pass) on its own for
+    RESOURCE_WINDOW_S (at least RESOURCE_MIN_CALLS calls), under measure.threads, sampled every
+    RESOURCE_INTERVAL_S by a ResourceSampler of its own: process CPU and RSS, and on CUDA NVML's
+    device-wide GPU utilisation and memory and PyTorch's allocated/peak memory. Series are
+    stored column-wise, `seconds` since the window began."""
+    batch_size = settings.throughput_batch_size
+    windows: dict = {
+        "window": "each model alone after the paired timing, throughput batches",
+        "batch_size": batch_size,
+        "interval_s": RESOURCE_INTERVAL_S,
+        "device": device.type,
+    }
+    for name, model in models.items():
+        timer = CallTimer(model, input_shape, device, batch_size, settings.channels_last)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        sampler = ResourceSampler(interval=RESOURCE_INTERVAL_S)
+        with cpu_threads(settings.threads):
+            began = time.time()
+            sampler.start()
+            calls = 0
+            while calls < RESOURCE_MIN_CALLS or time.time() - began < RESOURCE_WINDOW_S:
+                timer()
+                calls += 1
+            sampler.stop()
+        windows[name] = _columns(sampler.samples, began) | {"calls": calls}
+    return windows
+
+
+def _columns(samples: list, began: float) -> dict[str, list[float]]:
+    """Samples as one list per series, rounded: small in measurements.json."""
+    columns: dict[str, list[float]] = {"seconds": [round(s.time - began, 3) for s in samples]}
+    for key in dict.fromkeys(key for s in samples for key in s.values):
+        columns[key] = [round(s.values.get(key, float("nan")), 2) for s in samples]
+    return columns
+
+
+def per_class(labels: list[int], baseline: dict, pruned: dict, classes: int) -> dict:
+    """Per-class counts of both models on the same test images: support, correct and
+    predicted per class, the images of each class only one model gets right (for a paired test
+    per class), and the confusion matrices (rows: true class) up to MAX_CONFUSION_CLASSES."""
+    truth = torch.tensor(labels, dtype=torch.long)
+    classes = max(classes, int(truth.max()) + 1 if len(labels) else 0)
+
+    def counts(predicted: list[int]) -> dict:
+        guess = torch.tensor(predicted, dtype=torch.long)
+        matrix = torch.zeros(classes, classes, dtype=torch.long)
+        matrix.index_put_((truth, guess), torch.ones_like(truth), accumulate=True)
+        return {
+            "correct": matrix.diagonal().tolist(),
+            "predicted": matrix.sum(dim=0).tolist(),
+            "confusion": matrix.tolist() if classes <= MAX_CONFUSION_CLASSES else None,
+        }
+
+    base_right = torch.tensor(baseline["correct"], dtype=torch.bool)
+    pruned_right = torch.tensor(pruned["correct"], dtype=torch.bool)
+
+    def by_class(mask: torch.Tensor) -> list[int]:
+        return torch.bincount(truth[mask], minlength=classes).tolist()
+
+    return {
+        "classes": classes,
+        "support": torch.bincount(truth, minlength=classes).tolist(),
+        "only_baseline_right": by_class(base_right & ~pruned_right),
+        "only_pruned_right": by_class(pruned_right & ~base_right),
+        "baseline": counts(baseline["predicted"]),
+        "pruned": counts(pruned["predicted"]),
+    }
+
+
 def reduction_pct(baseline: float, pruned: float) -> float:
     return 100.0 * (baseline - pruned) / baseline if baseline else 0.0
 
@@ -173,12 +272,25 @@ def measure(
 ) -> dict:
     """Measure both models the same way, on the same test images as the baseline's quality."""
     pruned_quality = quality(pruned_model, test_loader, inputs)
+    device, shape = inputs.device, inputs.input_shape
+    # Other work on the CPUs (a second job, a build) stalls the threads of every layer; the
+    # ratio then says more about layer counts than about widths. Say so instead of hiding it.
+    busy = busy_cores() if device.type == "cpu" else 0
+    # Prepared once (a BN-folded copy, traced and frozen with jit_freeze) for every timing.
+    forms = {
+        "baseline": prepared(baseline_model, shape, device, settings),
+        "pruned": prepared(pruned_model, shape, device, settings),
+    }
     base_speed, pruned_speed, ratio = speed(
-        baseline_model, pruned_model, inputs.input_shape, inputs.device, settings
+        forms["baseline"], forms["pruned"], shape, device, settings, busy
     )
-    change = accuracy_change(
-        baseline_quality.pop("correct"), pruned_quality.pop("correct"), seed=seed
-    )
+    resources = inference_resources(forms, shape, device, settings)
+    outcomes = [
+        {key: quality_report.pop(key) for key in ("correct", "predicted", "labels", "classes")}
+        for quality_report in (baseline_quality, pruned_quality)
+    ]
+    change = accuracy_change(outcomes[0]["correct"], outcomes[1]["correct"], seed=seed)
+    classes = per_class(outcomes[0]["labels"], *outcomes, classes=outcomes[0]["classes"])
     baseline_report = baseline_quality | base_speed
     pruned_report = pruned_quality | pruned_speed
     reductions = {
@@ -195,4 +307,6 @@ def measure(
         "accuracy_drop_points": 100.0 * (baseline_report["accuracy"] - pruned_report["accuracy"]),
         "accuracy_change": change,
         "latency_ratio": ratio,
+        "per_class": classes,
+        "inference_resources": resources,
     }
