@@ -105,6 +105,11 @@ ROWS = [
         lambda s: ["finetune.criterion._target_=nope.Loss"],
         "finetune.criterion",
     ),
+    Rejected(
+        "optimizer-argument-misspelt",
+        lambda s: ["+finetune.optimizer.momentumm=0.9"],
+        "finetune.optimizer.momentumm",
+    ),
     Rejected("criterion-missing", lambda s: ["criterion._target_=nope.Loss"], "criterion._target_"),
     Rejected(
         "checkpoint-truncated",

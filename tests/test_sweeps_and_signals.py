@@ -93,7 +93,7 @@ def test_a_failing_job_does_not_stop_the_sweep_and_fails_the_parent(tmp_path):
     assert named == [
         f"warning: a job of this sweep will fail: {problem}",  # said before any job runs
         f"error: {problem}",  # when the job fails
-        f"  {problem}",  # in the list of failed jobs at the end
+        f"  job 1 (model.weights={missing}): {problem}",  # in the list of failed jobs at the end
     ], named
     assert "Traceback" not in result.stderr
 
@@ -111,6 +111,8 @@ def test_a_failing_job_does_not_stop_the_sweep_and_fails_the_parent(tmp_path):
     assert parent.data.tags["sweep.jobs"] == "2"
 
     (sweep_dir,) = output_root.glob("sweeps/*/*")
+    summary = (sweep_dir / "summary.md").read_text()
+    assert f"| 1 | model.weights={missing} |" in summary and f"| failed: {problem} |" in summary
     assert (sweep_dir / "0" / "measurements.json").is_file()
     assert not (sweep_dir / "1" / "measurements.json").exists()
 
@@ -221,3 +223,24 @@ EXPECTED_METRICS = {
     "prune_step.params",
     "finetune.train_loss",
 }
+
+
+def test_two_joblib_workers_train_the_baseline_once_for_four_jobs(tmp_path):
+    output_root = tmp_path / "outputs"
+    result = run_cli(
+        "-m",
+        "hydra/launcher=joblib",
+        "hydra.launcher.n_jobs=2",
+        "sparsity=0.1,0.2,0.3,0.4",
+        *TINY,
+        *NO_PRUNING,  # what this test looks at is the baseline, not what the jobs prune
+        f"paths.output_root={output_root}",
+        cwd=ROOT,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(p.read_text()) for p in output_root.glob("sweeps/*/*/*/measurements.*")]
+    assert sorted(r["baseline_source"] for r in records) == ["cache", "cache", "cache", "trained"]
+    (entry,) = (output_root / "cache" / "baselines").glob("*.safetensors")
+    assert all(r["baseline"]["accuracy"] == records[0]["baseline"]["accuracy"] for r in records)
+    assert all(child.info.status == "FINISHED" for child in runs_in(output_root))

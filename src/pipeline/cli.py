@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import signal
 import sys
+import traceback
 from pathlib import Path
 
 import hydra
@@ -18,6 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from pipeline import jobs
 from pipeline.config import (
     SEARCH_PATH,
     check_command_line,
@@ -26,16 +27,18 @@ from pipeline.config import (
     tracking_store,
 )
 from pipeline.errors import ConfigError, PipelineError
+from pipeline.files import write_json
+from pipeline.jobs import RECORD_FILE, config_identity, finished_before, write_outcome
+from pipeline.objectives import FAILED, objective
 from pipeline.preflight import check_inputs, check_tracking_server
-
-failed_jobs: list[str] = []
 
 
 @hydra.main(version_base="1.3", config_path=SEARCH_PATH, config_name="config")
-def job(cfg: DictConfig) -> float:
-    """One run; returns the pruned model's accuracy (the value a Hydra sweeper optimises)."""
+def job(cfg: DictConfig) -> float | list[float] | None:
+    """One run; returns what a Hydra sweeper optimises (pipeline.objectives: the pruned
+    accuracy unless search.objective says otherwise), None for a failed job of a sweep."""
     from pipeline.run import run
-    from pipeline.tracking import tracked_run
+    from pipeline.tracking import IDENTITY_TAG, one_line, tracked_run
 
     # MLflow's INFO lines (system metrics monitor started/stopped) would surround the one line
     # that matters when a run fails; its warnings still show.
@@ -44,6 +47,15 @@ def job(cfg: DictConfig) -> float:
     run_dir = Path(hydra_cfg.runtime.output_dir)
     log_file = run_dir / f"{hydra_cfg.job.name}.log"
     run_name = f"{hydra_cfg.runtime.choices.get('pruner')} sparsity={cfg.get('sparsity')}"
+    sweeping = hydra_cfg.mode == RunMode.MULTIRUN
+    done = _finished_before(cfg)
+    if done is not None:
+        settings, earlier = done
+        what = " ".join(hydra_cfg.overrides.task) or "this run"
+        print(f"skipped: {what} finished before ({earlier.where}); force=true runs it again")
+        write_json(earlier.record, run_dir / RECORD_FILE)  # for the sweep's summary and report
+        write_outcome(run_dir, "skipped", earlier=earlier.where)
+        return objective(earlier.record, settings)
     try:
         with tracked_run(cfg, run_name, log_file) as tracker:
             tracker.set_tags(
@@ -51,14 +63,45 @@ def job(cfg: DictConfig) -> float:
             )
             settings = settings_from(cfg)
             check_inputs(settings)  # again: a sweeper's sampled values were not pre-checked
+            tracker.set_tags({IDENTITY_TAG: config_identity(settings)})
             record = run(settings, run_dir, tracker)
-    except PipelineError as error:
-        print(f"error: {error}", file=sys.stderr)
-        if hydra_cfg.mode == RunMode.MULTIRUN:  # let the other jobs of the sweep run
-            failed_jobs.append(str(error))
-            return math.nan
-        sys.exit(2)
-    return record["pruned"]["accuracy"]
+    except Exception as error:
+        expected = isinstance(error, PipelineError)
+        line = str(error) if expected else one_line(error)
+        if not expected:
+            _traceback_to_log_file(error)
+        print(f"error: {line}", file=sys.stderr)
+        if sweeping:  # the job fails alone (a FAILED run); the other jobs of the sweep run
+            write_outcome(run_dir, "failed", error=line)
+            return FAILED
+        if expected:
+            sys.exit(2)
+        raise
+    write_outcome(run_dir, "finished")
+    return objective(record, settings)
+
+
+def _finished_before(cfg: DictConfig):
+    """(settings, the earlier run) when these settings already FINISHED and force is false;
+    None otherwise, also for settings that do not check (the tracked run reports those)."""
+    try:
+        settings = settings_from(cfg)
+    except ConfigError:
+        return None
+    if settings.force:
+        return None
+    earlier = finished_before(settings, config_identity(settings))
+    return (settings, earlier) if earlier is not None else None
+
+
+def _traceback_to_log_file(error: BaseException) -> None:
+    """An unexpected error of a sweep job: its traceback goes to the job's log file only, the
+    console gets one line."""
+    text = "".join(traceback.format_exception(error))
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.stream.write(text)
+            handler.flush()
 
 
 def _choices(hydra_cfg) -> dict[str, str]:
@@ -118,8 +161,12 @@ def main() -> None:
         for error in doomed:
             print(f"warning: a job of this sweep will fail: {error}", file=sys.stderr, flush=True)
     job()
-    if failed_jobs:
-        print(f"{len(failed_jobs)} job(s) of the sweep failed:", file=sys.stderr)
-        for line in failed_jobs:
-            print(f"  {line}", file=sys.stderr)
+    # Read back from the jobs' outcome files by the end-of-sweep callback, whatever process
+    # ran them (joblib, submitit or Ray workers).
+    failed = [o for o in jobs.last_sweep if o.status in ("failed", "did not finish")]
+    if failed:
+        print(f"{len(failed)} of {len(jobs.last_sweep)} jobs failed:", file=sys.stderr)
+        for outcome in failed:
+            reason = outcome.error or outcome.status
+            print(f"  job {outcome.number} ({jobs.swept(outcome)}): {reason}", file=sys.stderr)
         sys.exit(2)

@@ -36,14 +36,17 @@ schema.register()
 OmegaConf.register_new_resolver("class_count", class_count, replace=True)
 
 
-def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
-    """The composed config for `overrides`, as `python -m pipeline` would build it; one
-    ConfigError line when a key, a type or a group choice is wrong."""
+def compose(overrides: list[str] | tuple[str, ...] = (), with_hydra: bool = False) -> DictConfig:
+    """The composed config for `overrides`, as `python -m pipeline` would build it (with Hydra's
+    own node when `with_hydra`); one ConfigError line when a key, a type or a group choice is
+    wrong."""
     overrides = list(overrides)
     GlobalHydra.instance().clear()  # compose() inside a @hydra.main app or after another one
     try:
         with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
-            return hydra_compose(config_name=CONFIG_NAME, overrides=overrides)
+            return hydra_compose(
+                config_name=CONFIG_NAME, overrides=overrides, return_hydra_config=with_hydra
+            )
     except (HydraException, OmegaConfBaseException, ValueError) as error:
         failure = error
     GlobalHydra.instance().clear()
@@ -156,6 +159,8 @@ RANGES = [
     ("max_batches", lambda v: v is None or v >= 1, "null or an integer >= 1"),
     ("dataset.val_fraction", lambda v: v is None or 0 <= v < 1, "a number in [0, 1)"),
     ("dataset.test_fraction", lambda v: v is None or 0 < v < 1, "a number in (0, 1)"),
+    ("search.max_accuracy_drop", lambda v: v >= 0, "a number >= 0"),
+    ("search.metrics", lambda v: len(v) >= 1, "a non-empty list such as [accuracy, macs]"),
     (
         "pruner.config_list",
         lambda v: v is None or OmegaConf.is_list(v),
@@ -322,8 +327,11 @@ def job_overrides(args: list[str]) -> list[list[str]]:
     # (launcher, sweeper, output dirs) are not part of a job's config.
     overrides = get_args_parser().parse_args(args).overrides
     wanted = [a for a in overrides if not a.lstrip("+~").startswith("hydra")]
+    parser = OverridesParser.create()
     try:
-        parsed = OverridesParser.create().parse_overrides(wanted)
+        parsed = parser.parse_overrides(wanted)
+        single = [a for a, o in zip(wanted, parsed, strict=True) if not o.is_sweep_override()]
+        parsed += parser.parse_overrides(preset_sweep(single, wanted))
     except HydraException as error:
         raise ConfigError(str(error).strip().splitlines()[0]) from None
     # Sweeps that do not list their values (Optuna intervals) are left to the job's own check.
@@ -342,6 +350,14 @@ def job_overrides(args: list[str]) -> list[list[str]]:
         for value in values[1:]:
             jobs.append([*first[:position], value, *first[position + 1 :]])
     return jobs
+
+
+def preset_sweep(single: list[str], given: list[str]) -> list[str]:
+    """The `key=a,b` sweeps a preset (conf/sweep/) declares in hydra.sweeper.params, composed
+    from the command line's `single` (not swept) overrides, for the keys it does not `given`."""
+    params = OmegaConf.select(compose(single, with_hydra=True), "hydra.sweeper.params")
+    given = {o.lstrip("+~").partition("=")[0] for o in given}
+    return [f"{key}={value}" for key, value in (params or {}).items() if key not in given]
 
 
 def _listable(override) -> bool:

@@ -11,6 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from pipeline.files import atomic_path  # noqa: E402
 from pipeline.resources import Sample  # noqa: E402
 
 
@@ -36,7 +37,8 @@ def training_curves(histories: dict[str, list[dict]], path: Path) -> Path | None
         ax.grid(alpha=0.3)
         ax.legend()
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    with atomic_path(path) as staging:
+        figure.savefig(staging, dpi=100, format="png")
     plt.close(figure)
     return path
 
@@ -86,7 +88,8 @@ def resource_usage(samples: list[Sample], path: Path) -> Path | None:
     )
     axes[-1].set_xlabel("seconds since the run started")
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    with atomic_path(path) as staging:
+        figure.savefig(staging, dpi=100, format="png")
     plt.close(figure)
     return path
 

@@ -16,7 +16,8 @@ from pipeline.cache import cache_key
 from pipeline.config import plain
 from pipeline.data import DataSplits, StageInputs, make_loaders
 from pipeline.export import build_from_config, export_onnx, save_pruned
-from pipeline.files import write_json
+from pipeline.files import atomic_path, write_json
+from pipeline.jobs import config_identity
 from pipeline.model_stats import count_params
 from pipeline.monitor import StageMonitor
 from pipeline.plots import resource_usage, training_curves
@@ -163,6 +164,7 @@ def run(settings: RunSettings, run_dir: Path, tracker: Tracker | None = None) ->
         "device": device.type,
         "pruned_model": str(model_dir),
         "config": plain(settings),
+        "config_identity": config_identity(settings),
     }
     write_json(record, run_dir / "measurements.json")
     write_outcome(tracker, record, monitor, run_dir)
@@ -212,7 +214,8 @@ def prune_stages(
 def write_outcome(tracker: Tracker, record: dict, monitor: StageMonitor, run_dir: Path) -> None:
     """Plots and the config beside measurements.json, and the metrics, curves and files of a
     finished run for side-by-side comparison in the tracker."""
-    OmegaConf.save(OmegaConf.create(record["config"]), run_dir / "config.yaml")
+    with atomic_path(run_dir / "config.yaml") as staging:
+        OmegaConf.save(OmegaConf.create(record["config"]), staging)
     curves = training_curves(
         {"baseline": record["baseline_history"], "finetune": record["finetune_history"]},
         run_dir / "training_curves.png",

@@ -49,6 +49,32 @@ class DeviceChoice(str, Enum):
     cuda = "cuda"
 
 
+class Objective(str, Enum):
+    """What a job returns to a sweeper (pipeline.objectives)."""
+
+    accuracy = "accuracy"  # the pruned model's test accuracy
+    constrained_sparsity = "constrained_sparsity"  # sparsity, if the accuracy drop is allowed
+    pareto = "pareto"  # the values of search.metrics, in order
+
+
+class DropEstimate(str, Enum):
+    point = "point"  # the measured drop
+    upper = "upper"  # the upper end of its 95 % interval: within the limit with 97.5 % confidence
+
+
+class Metric(str, Enum):
+    """A value of the pruned model that a multi-objective search can return."""
+
+    accuracy = "accuracy"
+    top5 = "top5"
+    params = "params"
+    macs = "macs"
+    size_bytes = "size_bytes"
+    latency_p50_ms = "latency_p50_ms"
+    latency_p90_ms = "latency_p90_ms"
+    throughput = "throughput"
+
+
 @dataclass
 class PrunerSettings:
     # The NNI pruner class (ActivationMeanRankPruner, ...); conf/pruner/<name>.yaml sets it.
@@ -135,6 +161,16 @@ class PathSettings:
 
 
 @dataclass
+class SearchSettings:
+    """What a job returns to a sweeper such as Optuna (conf/sweep/search_*.yaml set these)."""
+
+    objective: Objective = MISSING
+    max_accuracy_drop: float = MISSING  # points; constrained_sparsity only
+    drop_estimate: DropEstimate = MISSING  # constrained_sparsity only
+    metrics: list[Metric] = MISSING  # pareto only; in the order of hydra.sweeper.direction
+
+
+@dataclass
 class RunSettings:
     # Builders differ in their arguments: free-form `_target_` nodes.
     model: Any = MISSING
@@ -146,11 +182,13 @@ class RunSettings:
     measure: MeasureSettings = field(default_factory=MeasureSettings)
     tracking: TrackingSettings = field(default_factory=TrackingSettings)
     paths: PathSettings = field(default_factory=PathSettings)
+    search: SearchSettings = field(default_factory=SearchSettings)
     seed: int = MISSING
     sparsity: float = MISSING
     device: DeviceChoice = MISSING
     max_batches: int | None = MISSING
     num_workers: int = MISSING
+    force: bool = MISSING
 
 
 def register() -> None:

@@ -175,6 +175,40 @@ def close_dead_runs(client, experiment: str) -> list[str]:
     return closed
 
 
+IDENTITY_TAG = "config_identity"
+
+
+def finished_run_record(tracking: Any, output_root: str | Path, identity: str):
+    """(measurements record, run id) of the latest FINISHED run whose settings had this identity
+    (pipeline.jobs.config_identity), or None: how a re-run sweep skips the jobs already done."""
+    import tempfile
+
+    from mlflow import MlflowClient
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one file: no bar
+
+    client = MlflowClient(tracking_uri(tracking.uri, output_root))
+    experiment = client.get_experiment_by_name(tracking.experiment)
+    if experiment is None:
+        return None
+    found = client.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"tags.{IDENTITY_TAG} = '{identity}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    if not found:
+        return None
+    run_id = found[0].info.run_id
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            path = client.download_artifacts(run_id, "measurements.json", folder)
+            record = json.loads(Path(path).read_text())
+        except Exception:  # artifacts deleted or unreachable: run the job again
+            return None
+    return record, run_id
+
+
 def one_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[0] if text else ''}"[:ERROR_TAG_LENGTH]
@@ -359,15 +393,27 @@ class SweepParentRun(Callback):
         atexit.register(self._close)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        # The comparison report of the jobs, from their measurements.json (tracking=none too);
-        # the parent run, still open, gets a copy under report/.
+        # The summary table and the comparison report of the jobs, from the files they left
+        # (tracking=none too); the parent run, still open, gets copies.
+        from pipeline import jobs
+        from pipeline.report.summary import write_summary
         from pipeline.report.sweep import sweep_report
 
-        report = sweep_report(Path(str(config.hydra.sweep.dir)))
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        jobs.last_sweep = jobs.sweep_outcomes(sweep_dir) if sweep_dir.is_dir() else []
+        summary = pareto = None
+        if jobs.last_sweep:
+            summary, pareto, table = write_summary(sweep_dir, jobs.last_sweep)
+            print(f"\nsweep summary ({summary}):\n{table}")
+        report = sweep_report(sweep_dir)
         run_id = os.environ.get(PARENT_RUN_ENV)
-        if report is not None and run_id is not None and hasattr(self, "_client"):
+        if run_id is not None and hasattr(self, "_client"):
             with contextlib.suppress(Exception):  # a lost copy must not fail a finished sweep
-                self._client.log_artifacts(run_id, str(report), "report")
+                for path in (summary, pareto):
+                    if path is not None:
+                        self._client.log_artifact(run_id, str(path))
+                if report is not None:
+                    self._client.log_artifacts(run_id, str(report), "report")
         self._close()
 
     def _close(self) -> None:
@@ -379,6 +425,14 @@ class SweepParentRun(Callback):
             filter_string=f"tags.mlflow.parentRunId = '{run_id}'",
         )
         failed = [c for c in children if c.info.status != "FINISHED"]
-        self._client.set_tag(run_id, "sweep.jobs", str(len(children)))
+        from pipeline import jobs
+
+        if jobs.last_sweep:  # the jobs' own outcome files: skipped jobs have no child run
+            failed = [o for o in jobs.last_sweep if o.status in ("failed", "did not finish")]
+            skipped = [o for o in jobs.last_sweep if o.status == "skipped"]
+            self._client.set_tag(run_id, "sweep.skipped_jobs", str(len(skipped)))
+        self._client.set_tag(run_id, "sweep.jobs", str(len(jobs.last_sweep) or len(children)))
         self._client.set_tag(run_id, "sweep.failed_jobs", str(len(failed)))
-        self._client.set_terminated(run_id, "FAILED" if failed else "FINISHED")
+        # A sweep that ran no job at all (the launcher failed first) did not succeed either.
+        ran = bool(jobs.last_sweep or children)
+        self._client.set_terminated(run_id, "FAILED" if failed or not ran else "FINISHED")

@@ -9,6 +9,8 @@ import html
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.files import atomic_path
+
 
 @dataclass
 class Strong:
@@ -178,6 +180,7 @@ def _html_table(table: Table) -> str:
 def write(document: Document, folder: Path) -> tuple[Path, Path]:
     """report.md (images beside it) and report.html (images inside it) in `folder`."""
     markdown, page = folder / "report.md", folder / "report.html"
-    markdown.write_text(to_markdown(document))
-    page.write_text(to_html(document))
+    for path, text in ((markdown, to_markdown(document)), (page, to_html(document))):
+        with atomic_path(path) as staging:
+            staging.write_text(text)
     return markdown, page

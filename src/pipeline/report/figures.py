@@ -15,6 +15,7 @@ from matplotlib.text import Text  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 from matplotlib.transforms import Bbox  # noqa: E402
 
+from pipeline.files import atomic_path  # noqa: E402
 from pipeline.report.compare import Model, pareto_front  # noqa: E402
 from pipeline.report.tables import SIGNIFICANCE, class_changes, resource_series  # noqa: E402
 
@@ -62,7 +63,8 @@ def _count(value: float) -> str:
 
 
 def _save(figure, path: Path) -> Path:
-    figure.savefig(path, dpi=DPI, bbox_inches="tight")
+    with atomic_path(path) as staging:  # a killed run leaves no half-written figure
+        figure.savefig(staging, dpi=DPI, bbox_inches="tight", format="png")
     plt.close(figure)
     return path
 
