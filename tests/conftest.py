@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -99,3 +101,36 @@ def run_cli(*args: str, cwd: Path, timeout: int = 600, **popen) -> subprocess.Co
         timeout=timeout,
         **popen,
     )
+
+
+def chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+needs_chromium = pytest.mark.skipif(
+    chromium() is None or shutil.which("chromedriver") is None,
+    reason="Debian's chromium and chromium-driver are not installed (.ci/run installs them)",
+)
+
+
+@contextlib.contextmanager
+def headless_browser(width: int, height: int):
+    """Debian's headless Chromium through Selenium, quit at the end of the block."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium()
+    for flag in (
+        "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        "--no-first-run", "--disable-quic",
+    ):  # fmt: skip
+        options.add_argument(flag)
+    # Debian's driver, named explicitly so that Selenium never tries to download one.
+    browser = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
+    try:
+        browser.set_window_size(width, height)
+        yield browser
+    finally:
+        browser.quit()

@@ -10,6 +10,9 @@ from mlflow import MlflowClient
 from conftest import ROOT, run_cli
 from rejected_inputs import PAYLOAD_MARKER, ROWS
 
+# A command line per row, each importing MLflow to write its FAILED run: about 2 minutes.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def output_root(tmp_path_factory):

@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 
-from conftest import ROOT, TINY, run_cli
+from conftest import ROOT, TINY, headless_browser, needs_chromium, run_cli
 from pipeline.report.__main__ import main as report_main
 from pipeline.report.compare import compared_models, pareto_front
 from pipeline.report.sources import RunRecord
@@ -175,32 +174,12 @@ def test_measurements_keep_per_class_counts_and_each_models_inference_window(swe
     assert files[0].stat().st_size < 64_000, "measurements.json should stay small"
 
 
-def chromium() -> str | None:
-    return shutil.which("chromium") or shutil.which("chromium-browser")
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(
-    chromium() is None or shutil.which("chromedriver") is None,
-    reason="Debian's chromium and chromium-driver are not installed (.ci/run installs them)",
-)
+@needs_chromium
 def test_report_html_shows_the_table_and_every_image_in_a_browser(sweep_report):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
 
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium()
-    for flag in (
-        "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        "--no-first-run", "--disable-quic",
-    ):  # fmt: skip
-        options.add_argument(flag)
-    # Debian's driver, named explicitly so that Selenium never tries to download one.
-    browser = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
-    try:
-        browser.set_window_size(1400, 1000)
+    with headless_browser(1400, 1000) as browser:
         browser.get((sweep_report / "report.html").as_uri())
         table = browser.find_element(By.ID, "results")
         assert table.is_displayed()
@@ -216,8 +195,6 @@ def test_report_html_shows_the_table_and_every_image_in_a_browser(sweep_report):
                 "return arguments[0].complete && arguments[0].naturalWidth > 0", image
             )
             assert loaded, f"{image.get_attribute('alt')} did not load"
-    finally:
-        browser.quit()
 
 
 @pytest.mark.slow

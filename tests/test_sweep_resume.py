@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from mlflow import MlflowClient
 
 from conftest import ROOT, TINY, run_cli
@@ -44,6 +45,7 @@ def sweep_parents(client: MlflowClient) -> list:
     return [run for run in runs if run.data.tags.get("sweep") == "true"]
 
 
+@pytest.mark.slow
 def test_a_rerun_sweep_runs_only_what_did_not_finish_and_force_runs_all(tmp_path):
     output_root = tmp_path / "outputs"
     args = [*SWEEP, f"paths.output_root={output_root}"]

@@ -11,9 +11,13 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from mlflow import MlflowClient
 
 from conftest import ROOT, TINY, run_cli
+
+# Whole pipelines and sweeps in subprocesses, killed or run in parallel: minutes in all.
+pytestmark = pytest.mark.slow
 
 EXPERIMENT = "pruning"
 # Keeps a completing job cheap: an empty NNI config list masks nothing (no speedup to do) and
@@ -164,18 +168,23 @@ def test_sigkill_during_finetuning_leaves_nothing_a_rerun_takes_for_complete(tmp
     ]
 
 
-def test_four_parallel_jobs_lose_no_run_or_metric_and_train_one_baseline(tmp_path):
-    output_root = tmp_path / "outputs"
-    result = run_cli(
+def four_job_joblib_sweep(output_root: Path, workers: int, *overrides: str):
+    return run_cli(
         "-m",
         "hydra/launcher=joblib",
-        "hydra.launcher.n_jobs=4",
+        f"hydra.launcher.n_jobs={workers}",
         "sparsity=0.1,0.2,0.3,0.4",
         *TINY,
+        *overrides,
         f"paths.output_root={output_root}",
         cwd=ROOT,
         timeout=900,
     )
+
+
+def test_four_parallel_jobs_lose_no_run_or_metric_and_train_one_baseline(tmp_path):
+    output_root = tmp_path / "outputs"
+    result = four_job_joblib_sweep(output_root, workers=4)
     assert result.returncode == 0, result.stderr[-3000:]
 
     runs = runs_in(output_root)
@@ -227,17 +236,8 @@ EXPECTED_METRICS = {
 
 def test_two_joblib_workers_train_the_baseline_once_for_four_jobs(tmp_path):
     output_root = tmp_path / "outputs"
-    result = run_cli(
-        "-m",
-        "hydra/launcher=joblib",
-        "hydra.launcher.n_jobs=2",
-        "sparsity=0.1,0.2,0.3,0.4",
-        *TINY,
-        *NO_PRUNING,  # what this test looks at is the baseline, not what the jobs prune
-        f"paths.output_root={output_root}",
-        cwd=ROOT,
-        timeout=900,
-    )
+    # What this test looks at is the baseline, not what the jobs prune.
+    result = four_job_joblib_sweep(output_root, 2, *NO_PRUNING)
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(p.read_text()) for p in output_root.glob("sweeps/*/*/*/measurements.*")]
     assert sorted(r["baseline_source"] for r in records) == ["cache", "cache", "cache", "trained"]

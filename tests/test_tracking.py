@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import socket
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from conftest import ROOT, TINY, run_cli
+from conftest import ROOT, TINY, headless_browser, needs_chromium, run_cli
 from pipeline.config import settings_from
 from pipeline.tracking import tracked_run
 
@@ -198,33 +197,13 @@ def test_server_rest_api_lists_the_sweep(mlflow_server):
     assert {"mean_rank sparsity=0.05", "mean_rank sparsity=0.15"} <= names
 
 
-def chromium() -> str | None:
-    return shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-@pytest.mark.skipif(
-    chromium() is None or shutil.which("chromedriver") is None,
-    reason="Debian's chromium and chromium-driver are not installed (.ci/run installs them)",
-)
+@needs_chromium
 def test_experiment_page_lists_the_runs_in_a_browser(mlflow_server):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
 
     experiments = api(mlflow_server, "experiments/search", {"max_results": 10})["experiments"]
     (pruning,) = [e for e in experiments if e["name"] == EXPERIMENT]
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium()
-    for flag in (
-        "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        "--no-first-run", "--disable-quic",
-    ):  # fmt: skip
-        options.add_argument(flag)
-    # Debian's driver, named explicitly so that Selenium never tries to download one.
-    browser = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=options)
-    try:
-        browser.set_window_size(1600, 1000)
+    with headless_browser(1600, 1000) as browser:
         browser.get(f"{mlflow_server}/#/experiments/{pruning['experiment_id']}/runs")
         wait_for(lambda: "sweep " in browser.page_source, "the sweep's parent run")
         # Child runs sit folded under their parent: unfold it as a user would.
@@ -234,8 +213,6 @@ def test_experiment_page_lists_the_runs_in_a_browser(mlflow_server):
             button.click()
         for name in ("mean_rank sparsity=0.05", "mean_rank sparsity=0.15"):
             wait_for(lambda name=name: name in browser.page_source, name)
-    finally:
-        browser.quit()
 
 
 def wait_for(condition, what: str, timeout: float = 60.0) -> None:

@@ -40,9 +40,6 @@ def job(cfg: DictConfig) -> float | list[float] | None:
     from pipeline.run import run
     from pipeline.tracking import IDENTITY_TAG, one_line, tracked_run
 
-    # MLflow's INFO lines (system metrics monitor started/stopped) would surround the one line
-    # that matters when a run fails; its warnings still show.
-    logging.getLogger("mlflow").setLevel(logging.WARNING)
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     log_file = run_dir / f"{hydra_cfg.job.name}.log"
@@ -132,11 +129,8 @@ def record_rejected_run(args: list[str], error: ConfigError) -> None:
             return
         key, uri = tracking_store(settings)
         check_tracking_server(uri, key)
-        import mlflow  # noqa: F401  (imported first: it sets up its loggers on import)
-
         from pipeline.tracking import tracked_run
 
-        logging.getLogger("mlflow").setLevel(logging.WARNING)  # the error stays the only line
         with contextlib.suppress(ConfigError), tracked_run(cfg, run_name="rejected"):
             raise error
     except Exception:  # best effort: the one-line error, printed before, is what matters

@@ -178,12 +178,23 @@ def close_dead_runs(client, experiment: str) -> list[str]:
 IDENTITY_TAG = "config_identity"
 
 
+def quiet_mlflow() -> None:
+    """MLflow sets its loggers to INFO when first imported: its INFO lines (database tables
+    created, system metrics started and stopped) would surround the lines that matter on the
+    console. Its warnings still show."""
+    import mlflow  # noqa: F401  (first: the import is what sets the level)
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+
+
 def finished_run_record(tracking: Any, output_root: str | Path, identity: str):
     """(measurements record, run id) of the latest FINISHED run whose settings had this identity
     (pipeline.jobs.config_identity), or None: how a re-run sweep skips the jobs already done."""
     import tempfile
 
     from mlflow import MlflowClient
+
+    quiet_mlflow()
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one file: no bar
 
@@ -262,6 +273,8 @@ class MlflowTracker:
     def start(self, params: dict[str, str], run_name: str | None, log_file: Path | None) -> None:
         import mlflow
         from mlflow import MlflowClient
+
+        quiet_mlflow()
 
         self._log_file = log_file
         uri = tracking_uri(self.settings.get("uri"), self.output_root)
@@ -375,6 +388,8 @@ class SweepParentRun(Callback):
         if not tracking.get("enabled", False):
             return
         from mlflow import MlflowClient
+
+        quiet_mlflow()
 
         client = MlflowClient(tracking_uri(tracking.get("uri"), config.paths.output_root))
         exp_id = experiment_id(client, tracking["experiment"], config.paths.output_root)
