@@ -157,7 +157,7 @@ def main() -> None:
     job()
     # Read back from the jobs' outcome files by the end-of-sweep callback, whatever process
     # ran them (joblib, submitit or Ray workers).
-    failed = [o for o in jobs.last_sweep if o.status in ("failed", "did not finish")]
+    failed = [o for o in jobs.last_sweep if o.failed]
     if failed:
         print(f"{len(failed)} of {len(jobs.last_sweep)} jobs failed:", file=sys.stderr)
         for outcome in failed:

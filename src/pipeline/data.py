@@ -18,7 +18,11 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from pipeline.data_layout import FASHION_MNIST_FILES, check_imagefolder
+from pipeline.data_layout import (
+    FASHION_MNIST_FILES,
+    check_imagefolder,
+    missing_fashion_mnist_files,
+)
 from pipeline.errors import ConfigError, DataUnavailableError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -227,12 +231,7 @@ def fashion_mnist(
     if num_classes != 10:
         raise ConfigError(f"dataset.num_classes={num_classes} is not allowed; allowed values: 10")
     folder = Path(root)
-    missing = [
-        name
-        for pair in FASHION_MNIST_FILES.values()
-        for name in pair
-        if not (folder / name).is_file()
-    ]
+    missing = missing_fashion_mnist_files(folder)
     if missing:
         raise DataUnavailableError(
             f"dataset.root={root}: Fashion-MNIST files missing ({', '.join(missing)}); install "

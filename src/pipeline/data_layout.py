@@ -55,10 +55,15 @@ def check_imagefolder(dataset: dict[str, Any]) -> None:
         )
 
 
+def missing_fashion_mnist_files(root: str | Path) -> list[str]:
+    """The Fashion-MNIST IDX files that are not in `root`."""
+    folder = Path(str(root))
+    names = [name for pair in FASHION_MNIST_FILES.values() for name in pair]
+    return [name for name in names if not (folder / name).is_file()]
+
+
 def check_fashion_mnist(dataset: dict[str, Any]) -> None:
-    folder = Path(str(dataset["root"]))
-    missing = [name for pair in FASHION_MNIST_FILES.values() for name in pair]
-    missing = [name for name in missing if not (folder / name).is_file()]
+    missing = missing_fashion_mnist_files(dataset["root"])
     if missing:
         raise ConfigError(
             f"dataset.root={str(dataset['root'])!r} is not allowed: Fashion-MNIST files missing "

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +16,6 @@ from pipeline.config import plain
 from pipeline.files import write_json
 from pipeline.schema import RunSettings
 
-log = logging.getLogger(__name__)
 OUTCOME_FILE = "outcome.json"
 RECORD_FILE = "measurements.json"
 # Settings that change where or how a run is recorded, not what it measures.
@@ -80,6 +78,11 @@ class JobOutcome:
     error: str | None
     pruner: str | None = None  # the pruner group's choice (apoz, mean_rank)
 
+    @property
+    def failed(self) -> bool:
+        """Failed, or ended without an outcome (killed, out of memory)."""
+        return self.status in ("failed", "did not finish")
+
 
 def sweep_outcomes(sweep_dir: Path) -> list[JobOutcome]:
     """Every job folder of a sweep with its outcome; a job that left none was killed or never
@@ -105,16 +108,23 @@ def _hydra_record(job_dir: Path) -> tuple[list[str], str | None]:
     """The job's overrides and pruner choice, as Hydra wrote them into its .hydra folder."""
     from omegaconf import OmegaConf
 
-    folder = job_dir / ".hydra"
-    overrides = (
-        OmegaConf.load(folder / "overrides.yaml") if (folder / "overrides.yaml").is_file() else []
-    )
-    pruner = None
-    if (folder / "hydra.yaml").is_file():
-        pruner = OmegaConf.select(
-            OmegaConf.load(folder / "hydra.yaml"), "hydra.runtime.choices.pruner"
-        )
-    return [str(o) for o in overrides], pruner
+    path = job_dir / ".hydra" / "overrides.yaml"
+    overrides = OmegaConf.load(path) if path.is_file() else []
+    return [str(o) for o in overrides], pruner_choice(job_dir)
+
+
+def pruner_choice(run_dir: Path) -> str | None:
+    """The run's pruner group choice (apoz, mean_rank), from the Hydra record in its folder."""
+    hydra_file = Path(run_dir) / ".hydra" / "hydra.yaml"
+    if not hydra_file.exists():
+        return None
+    try:
+        from omegaconf import OmegaConf
+
+        choices = OmegaConf.load(hydra_file).hydra.runtime.choices
+        return str(choices.get("pruner")) if choices.get("pruner") else None
+    except Exception:  # a hand-edited or partial file: callers fall back to the class name
+        return None
 
 
 def swept(outcome: JobOutcome, outcomes: list[JobOutcome] | None = None) -> str:

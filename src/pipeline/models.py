@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pickle
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -86,3 +86,24 @@ def load_state_dict(path: str | Path, key: str) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise WeightsUnavailableError(f"{key}={path}: not a state dict of tensors")
     return state
+
+
+def state_dict_mismatch(state: Mapping[str, torch.Tensor], model: nn.Module) -> str | None:
+    """How `state` does not fit `model`: the first tensor whose shape differs (so a class-count
+    mismatch reads as one), else the tensors missing or extra; None when it fits."""
+    expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    given = {name: tuple(tensor.shape) for name, tensor in state.items()}
+    wrong = [name for name in expected if name in given and given[name] != expected[name]]
+    missing = [name for name in expected if name not in given]
+    extra = [name for name in given if name not in expected]
+    if wrong:
+        name = wrong[0]
+        return (
+            f"{name} has shape {list(given[name])}, the model needs {list(expected[name])}"
+            f" ({len(wrong)} tensors differ; model.num_classes or the architecture differs)"
+        )
+    if missing:
+        return f"{len(missing)} of the model's tensors missing (e.g. {missing[0]})"
+    if extra:
+        return f"{len(extra)} tensors the model does not have (e.g. {extra[0]})"
+    return None

@@ -62,30 +62,14 @@ def _bare_model(model_settings: Any):
 def check_checkpoint_fits(key: str, path: str, model) -> None:
     """The checkpoint is a state dict of tensors (no pickled code) with this model's names and
     shapes; the first difference is named, so a class-count mismatch reads as one."""
-    from pipeline.models import load_state_dict
+    from pipeline.models import load_state_dict, state_dict_mismatch
 
     try:
         state = load_state_dict(path, key=key)
     except WeightsUnavailableError as error:
         raise ConfigError(str(error)) from None
-    expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
-    given = {name: tuple(tensor.shape) for name, tensor in state.items()}
-    wrong = [name for name in expected if name in given and given[name] != expected[name]]
-    missing = [name for name in expected if name not in given]
-    extra = [name for name in given if name not in expected]
-    if wrong:
-        name = wrong[0]
-        problem = (
-            f"{name} has shape {list(given[name])}, the model needs {list(expected[name])}"
-            f" ({len(wrong)} tensors differ; model.num_classes or the architecture differs)"
-        )
-    elif missing or extra:
-        problem = (
-            f"{len(missing)} of the model's tensors missing (e.g. {missing[0]})"
-            if missing
-            else f"{len(extra)} tensors the model does not have (e.g. {extra[0]})"
-        )
-    else:
+    problem = state_dict_mismatch(state, model)
+    if problem is None:
         return
     raise ConfigError(
         f"{key}={path!r} is not allowed: it does not fit the model: {problem}; allowed values: "

@@ -17,7 +17,7 @@ from pipeline.config import plain
 from pipeline.data import DataSplits, StageInputs, make_loaders
 from pipeline.export import build_from_config, export_onnx, save_pruned
 from pipeline.files import atomic_path, write_json
-from pipeline.jobs import config_identity
+from pipeline.jobs import RECORD_FILE, config_identity
 from pipeline.model_stats import count_params
 from pipeline.monitor import StageMonitor
 from pipeline.plots import resource_usage, training_curves
@@ -166,7 +166,7 @@ def run(settings: RunSettings, run_dir: Path, tracker: Tracker | None = None) ->
         "config": plain(settings),
         "config_identity": config_identity(settings),
     }
-    write_json(record, run_dir / "measurements.json")
+    write_json(record, run_dir / RECORD_FILE)
     write_outcome(tracker, record, monitor, run_dir)
     print(summary_table(record))
     return record
@@ -250,7 +250,7 @@ def write_outcome(tracker: Tracker, record: dict, monitor: StageMonitor, run_dir
             },
             step=row["epoch"],
         )
-    for path in (run_dir / "config.yaml", run_dir / "measurements.json", curves, usage):
+    for path in (run_dir / "config.yaml", run_dir / RECORD_FILE, curves, usage):
         if path is not None:
             tracker.log_artifact(path)
     tracker.log_artifact(run_dir / "pruned_model", "pruned_model")

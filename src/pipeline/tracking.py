@@ -443,7 +443,7 @@ class SweepParentRun(Callback):
         from pipeline import jobs
 
         if jobs.last_sweep:  # the jobs' own outcome files: skipped jobs have no child run
-            failed = [o for o in jobs.last_sweep if o.status in ("failed", "did not finish")]
+            failed = [o for o in jobs.last_sweep if o.failed]
             skipped = [o for o in jobs.last_sweep if o.status == "skipped"]
             self._client.set_tag(run_id, "sweep.skipped_jobs", str(len(skipped)))
         self._client.set_tag(run_id, "sweep.jobs", str(len(jobs.last_sweep) or len(children)))

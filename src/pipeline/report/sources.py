@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import PipelineError
+from pipeline.jobs import pruner_choice
 
 # What every measurements.json since the paired comparison holds; older files are refused.
 REQUIRED_KEYS = ("baseline", "pruned", "reduction_pct", "accuracy_change", "latency_ratio")
@@ -67,24 +68,14 @@ def from_paths(paths: list[str]) -> tuple[list[RunRecord], list[str]]:
                 record = json.loads(file.read_text())
             except (OSError, ValueError) as error:
                 raise ReportError(f"{file}: not readable as JSON ({error})") from None
-            runs.append(RunRecord(check_record(record, str(file)), str(file), None, _choice(file)))
+            runs.append(
+                RunRecord(
+                    check_record(record, str(file)), str(file), None, pruner_choice(file.parent)
+                )
+            )
     return runs, notes
 
 
 def _job_order(path: Path) -> tuple:
     """Sweep jobs in their number order (2 before 10), other folders by name."""
     return tuple(int(part) if part.isdigit() else -1 for part in path.parts), str(path)
-
-
-def _choice(measurements: Path) -> str | None:
-    """The run's pruner choice, from the Hydra record beside measurements.json."""
-    hydra_file = measurements.parent / ".hydra" / "hydra.yaml"
-    if not hydra_file.exists():
-        return None
-    try:
-        from omegaconf import OmegaConf
-
-        choices = OmegaConf.load(hydra_file).hydra.runtime.choices
-        return str(choices.get("pruner")) if choices.get("pruner") else None
-    except Exception:  # a hand-edited or partial file: the label falls back to the class name
-        return None

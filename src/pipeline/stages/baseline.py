@@ -13,7 +13,7 @@ from pipeline.cache import load_weights, save_weights
 from pipeline.convergence import Convergence, check_convergence
 from pipeline.data import StageInputs
 from pipeline.files import file_lock
-from pipeline.models import load_state_dict
+from pipeline.models import load_state_dict, state_dict_mismatch
 from pipeline.schema import BaselineSettings
 from pipeline.training import fit
 
@@ -67,11 +67,11 @@ def from_cache(model: nn.Module, cache_path: Path) -> list[dict] | None:
     except Exception as error:  # truncated, overwritten or foreign files all end the same way
         reason = f"{type(error).__name__}: {str(error).strip()[:120]}"
     else:
-        shapes = {name: tuple(tensor.shape) for name, tensor in weights.items()}
-        if shapes == {name: tuple(t.shape) for name, t in model.state_dict().items()}:
+        mismatch = state_dict_mismatch(weights, model)
+        if mismatch is None:
             model.load_state_dict(weights)
             return history
-        reason = "its tensors do not fit the model"
+        reason = f"it does not fit the model: {mismatch}"
     log.warning("the cached baseline %s is unusable (%s); training it again", cache_path, reason)
     cache_path.unlink(missing_ok=True)
     return None
