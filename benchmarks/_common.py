@@ -108,7 +108,7 @@ def add_timing_options(
         "--threads",
         type=int,
         default=threads,
-        help="measure.threads: torch CPU threads while timing "
+        help="measure.threads: CPU threads while timing (torch; onnxruntime: intra-op) "
         f"(default: {'conf/, where null is torch default' if threads is None else threads})",
     )
     parser.add_argument(

@@ -6,8 +6,12 @@ pipeline.stages.measure.timed_pair, the measure stage's own timing, under the co
 settings (the timing options below are overrides of them); the ratio and its 95 % interval come
 from pipeline.uncertainty.latency_ratio, as in the measure stage.
 
+With several --runtimes each row holds one column group per runtime; --profile adds, for each
+size and sparsity, the time and MACs of each layer kind (pipeline.layer_profile).
+
     python benchmarks/latency.py
     python benchmarks/latency.py --sizes 32 --sparsities 0.15 0.5 --repeats 10 --json out.json
+    python benchmarks/latency.py --sizes 32 --runtimes eager,onnxruntime,compile --profile
 """
 
 from __future__ import annotations
@@ -23,6 +27,9 @@ from pathlib import Path
 import _common as common
 import torch
 
+from pipeline.inference import RUNTIMES, inference_model
+from pipeline.latency import cpu_threads
+from pipeline.layer_profile import KINDS, macs_by_kind, profile_by_kind
 from pipeline.model_stats import count_macs, count_params
 from pipeline.schema import MeasureSettings
 
@@ -30,16 +37,13 @@ from pipeline.schema import MeasureSettings
 # on a small CPU, so the default repeats are cut to keep the whole run within minutes.
 LARGE_BATCH = 8
 REPEATS, LARGE_BATCH_REPEATS = 30, 10
+PROFILE_REPEATS = 20
 
 
 @dataclass
-class Row:
-    size: int
-    sparsity: float
-    batch: int
-    device: str
-    params_ratio: float
-    macs_ratio: float
+class Timing:
+    """One runtime's figures for a row."""
+
     baseline: dict
     pruned: dict
     ratio: dict  # pipeline.uncertainty.latency_ratio: ratio, ci_low, ci_high, round_ratios, ...
@@ -55,6 +59,17 @@ class Row:
     @property
     def no_measurable_difference(self) -> bool:
         return self.ratio["ci_low"] <= 1.0 <= self.ratio["ci_high"]
+
+
+@dataclass
+class Row:
+    size: int
+    sparsity: float
+    batch: int
+    device: str
+    params_ratio: float
+    macs_ratio: float
+    runtimes: dict[str, Timing]  # in --runtimes order
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -77,7 +92,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help='pruner.round_to: "default" (the project default), "null" (NNI\'s own counts) or N',
     )
     parser.add_argument(
-        "--runtime", default=None, help="eager | jit_freeze (default: measure.runtime in conf/)"
+        "--runtimes",
+        "--runtime",
+        type=runtime_list,
+        default=None,
+        help=f"comma list of {' | '.join(RUNTIMES)}: each row times the pair in each "
+        "(default: measure.runtime in conf/; --runtime is the same option)",
+    )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="per size and sparsity, each layer kind's batch-1 CPU time in the eager form "
+        f"(torch.profiler, {PROFILE_REPEATS} calls per model) and MACs, pruned / baseline",
     )
     parser.add_argument(
         "--fold-bn", default=None, choices=["true", "false"], help="default: measure.fold_bn"
@@ -92,34 +118,51 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def runtime_list(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in RUNTIMES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"{text!r}: allowed a comma list of {', '.join(RUNTIMES)}")
+    return list(dict.fromkeys(names))
+
+
 def devices(names: list[str]) -> list[torch.device]:
     return [torch.device(name) for name in names if name == "cpu" or torch.cuda.is_available()]
 
 
-def measure_settings(args: argparse.Namespace) -> MeasureSettings:
+def measure_settings(args: argparse.Namespace, runtime: str | None = None) -> MeasureSettings:
     """The project's measure settings with this run's timing options as overrides: threads,
     warm-up and batch-1 repeats always; rounds and the inference form where an option names
-    them."""
+    them (`runtime`: one of --runtimes; None keeps measure.runtime)."""
     return common.measure_settings(
         threads=args.threads,
         warmup=args.warmup,
         repeats=args.repeats or REPEATS,
         rounds=args.rounds,
-        runtime=args.runtime,
+        runtime=runtime,
         fold_bn=args.fold_bn,
         channels_last=args.channels_last,
     )
 
 
-def run(args: argparse.Namespace, measure: MeasureSettings) -> list[Row]:
+def runtime_settings(args: argparse.Namespace) -> dict[str, MeasureSettings]:
+    """The measure settings of each runtime to time, in --runtimes order."""
+    if args.runtimes is None:
+        default = measure_settings(args)
+        return {default.runtime.value: default}
+    return {runtime: measure_settings(args, runtime) for runtime in args.runtimes}
+
+
+def run(args: argparse.Namespace, forms: dict[str, MeasureSettings]) -> list[Row]:
     settings = common.pruner_settings(args.training_steps, args.round_to)
+    measure = next(iter(forms.values()))
     print(
         f"# pruner.round_to {settings.round_to}, pruner.iterations {settings.iterations}; "
-        f"inference form: runtime {measure.runtime.value}, "
+        f"inference forms: runtimes {', '.join(forms)}, "
         f"fold_bn {measure.fold_bn}, channels_last {measure.channels_last}",
         flush=True,
     )
-    print(HEADER, flush=True)
+    print(header(list(forms)), flush=True)
     targets = devices(args.devices)
     rows: list[Row] = []
     for size in args.sizes:
@@ -135,16 +178,29 @@ def run(args: argparse.Namespace, measure: MeasureSettings) -> list[Row]:
             )
             params_ratio = count_params(pruned) / base_params
             macs_ratio = count_macs(pruned, shape) / base_macs
+            if args.profile:
+                print(kind_table(baseline, pruned, shape, measure), flush=True)
             for batch in args.batch_sizes:
                 # None: measure.repeats, which --repeats (when given) sets for every batch.
                 few = batch > LARGE_BATCH and args.repeats is None
                 repeats = LARGE_BATCH_REPEATS if few else None
                 for device in targets:
-                    # The baseline is timed again with each pruned model, in alternating
-                    # rounds: load that drifts lands on both sides of a round alike.
-                    pair, ratio = common.timed_ratio(
-                        baseline, pruned, size, device, measure, batch_size=batch, repeats=repeats
-                    )
+                    timings = {}
+                    for runtime, measure_runtime in forms.items():
+                        # The baseline is timed again with each pruned model, in alternating
+                        # rounds: load that drifts lands on both sides of a round alike.
+                        pair, ratio = common.timed_ratio(
+                            baseline,
+                            pruned,
+                            size,
+                            device,
+                            measure_runtime,
+                            batch_size=batch,
+                            repeats=repeats,
+                        )
+                        timings[runtime] = Timing(
+                            pair.baseline.as_dict(), pair.pruned.as_dict(), ratio
+                        )
                     rows.append(
                         Row(
                             size,
@@ -153,9 +209,7 @@ def run(args: argparse.Namespace, measure: MeasureSettings) -> list[Row]:
                             device.type,
                             params_ratio,
                             macs_ratio,
-                            pair.baseline.as_dict(),
-                            pair.pruned.as_dict(),
-                            ratio,
+                            timings,
                         )
                     )
                     print(format_row(rows[-1]), flush=True)
@@ -163,27 +217,69 @@ def run(args: argparse.Namespace, measure: MeasureSettings) -> list[Row]:
     return rows
 
 
-HEADER = (
-    f"{'size':>7} {'sparsity':>8} {'batch':>5} {'device':>6} {'params':>7} {'MACs':>7} "
-    f"{'base p50':>9} {'base sd':>8} {'pruned p50':>10} {'pruned sd':>9} {'latency':>8} "
-    f"{'ci low':>7} {'ci high':>7}"
+COLUMNS = f"{'size':>7} {'sparsity':>8} {'batch':>5} {'device':>6} {'params':>7} {'MACs':>7}"
+RUNTIME_COLUMNS = (
+    f"{'base p50':>9} {'pruned p50':>10} {'latency':>8} {'ci low':>7} {'ci high':>7} "
+    f"{'lat/MACs':>8}"
 )
 
 
+def header(runtimes: list[str]) -> str:
+    """Two lines: each runtime's name over its column group, then the column names."""
+    names = " ".join(f"{f' {runtime} ':-^{len(RUNTIME_COLUMNS)}}" for runtime in runtimes)
+    columns = " ".join(RUNTIME_COLUMNS for _ in runtimes)
+    return f"{' ' * len(COLUMNS)} | {names}\n{COLUMNS} | {columns}"
+
+
 def format_row(row: Row) -> str:
+    groups = " ".join(
+        f"{t.baseline['p50']:>9.2f} {t.pruned['p50']:>10.2f} {t.latency_ratio:>8.3f} "
+        f"{t.ratio['ci_low']:>7.3f} {t.ratio['ci_high']:>7.3f} "
+        f"{t.latency_ratio / row.macs_ratio:>8.3f}"
+        for t in row.runtimes.values()
+    )
     return (
         f"{row.size:>3}x{row.size:<3} {row.sparsity:>8.2f} {row.batch:>5} {row.device:>6} "
-        f"{row.params_ratio:>7.3f} {row.macs_ratio:>7.3f} "
-        f"{row.baseline['p50']:>9.2f} {row.baseline['stdev']:>8.2f} "
-        f"{row.pruned['p50']:>10.2f} {row.pruned['stdev']:>9.2f} {row.latency_ratio:>8.3f} "
-        f"{row.ratio['ci_low']:>7.3f} {row.ratio['ci_high']:>7.3f}"
+        f"{row.params_ratio:>7.3f} {row.macs_ratio:>7.3f} | {groups}"
     )
 
 
+def kind_table(
+    baseline: torch.nn.Module,
+    pruned: torch.nn.Module,
+    shape: tuple[int, ...],
+    measure: MeasureSettings,
+) -> str:
+    """Each layer kind's batch-1 CPU milliseconds in both models' eager forms (fold_bn and
+    channels_last as timed), their ratio and the kind's MACs ratio; a kind whose time ratio
+    stays above its MACs ratio keeps time that its MACs no longer account for."""
+    times, macs = {}, {}
+    for name, model in (("baseline", baseline), ("pruned", pruned)):
+        form = inference_model(model.cpu(), shape, "eager", measure.fold_bn, measure.channels_last)
+        with cpu_threads(measure.threads):
+            times[name] = profile_by_kind(form, shape, PROFILE_REPEATS, warmup=measure.warmup)
+        macs[name] = macs_by_kind(form, shape)
+    lines = [f"#   {'layer kind':<15} {'base ms':>8} {'pruned ms':>9} {'time':>6} {'MACs':>6}"]
+    for kind in (*KINDS, "total"):
+        base_ms = sum(times["baseline"].values()) if kind == "total" else times["baseline"][kind]
+        pruned_ms = sum(times["pruned"].values()) if kind == "total" else times["pruned"][kind]
+        base_macs = sum(macs["baseline"].values()) if kind == "total" else macs["baseline"][kind]
+        pruned_macs = sum(macs["pruned"].values()) if kind == "total" else macs["pruned"][kind]
+        lines.append(
+            f"#   {kind:<15} {base_ms:>8.3f} {pruned_ms:>9.3f} {_ratio(pruned_ms, base_ms)} "
+            f"{_ratio(pruned_macs, base_macs)}"
+        )
+    return "\n".join(lines)
+
+
+def _ratio(pruned: float, baseline: float) -> str:
+    return f"{pruned / baseline:>6.3f}" if baseline else f"{'-':>6}"
+
+
 def summary(rows: list[Row]) -> str:
-    """One line: how much of the MAC reduction became latency reduction for the reference
-    case (largest size, smallest batch, CPU, sparsity nearest 0.15), and whether any pruned
-    model was measurably slower than its baseline (its whole interval above 1)."""
+    """One line per runtime: how much of the MAC reduction became latency reduction for the
+    reference case (largest size, smallest batch, CPU, sparsity nearest 0.15), and whether any
+    pruned model was measurably slower than its baseline (its whole interval above 1)."""
     if not rows:
         return "summary: no rows"
     size = max(row.size for row in rows)
@@ -191,37 +287,48 @@ def summary(rows: list[Row]) -> str:
     device = "cpu" if any(row.device == "cpu" for row in rows) else rows[0].device
     candidates = [r for r in rows if r.size == size and r.batch == batch and r.device == device]
     ref = min(candidates, key=lambda r: abs(r.sparsity - 0.15))
-    slower = sum(r.measurably_slower for r in rows)
-    unclear = sum(r.no_measurable_difference for r in rows)
-    verdict = "yes" if not slower else f"no ({slower}/{len(rows)} rows measurably slower)"
     case = f"{size}x{size} batch {batch} {device} at s={ref.sparsity:g}"
-    ratios = (
-        f"latency ratio {ref.latency_ratio:.3f} "
-        f"[{ref.ratio['ci_low']:.3f}, {ref.ratio['ci_high']:.3f}], "
-        f"MACs ratio {ref.macs_ratio:.3f}, "
-        f"latency/MACs ratio {ref.latency_ratio / ref.macs_ratio:.3f}"
-    )
-    counts = f"pruned never slower: {verdict}; no measurable difference: {unclear}/{len(rows)} rows"
-    return f"summary: {case}: {ratios}; {counts}"
+    lines = []
+    for runtime, timing in ref.runtimes.items():
+        slower = sum(r.runtimes[runtime].measurably_slower for r in rows)
+        unclear = sum(r.runtimes[runtime].no_measurable_difference for r in rows)
+        verdict = "yes" if not slower else f"no ({slower}/{len(rows)} rows measurably slower)"
+        ratios = (
+            f"latency ratio {timing.latency_ratio:.3f} "
+            f"[{timing.ratio['ci_low']:.3f}, {timing.ratio['ci_high']:.3f}], "
+            f"MACs ratio {ref.macs_ratio:.3f}, "
+            f"latency/MACs ratio {timing.latency_ratio / ref.macs_ratio:.3f}"
+        )
+        counts = (
+            f"pruned never slower: {verdict}; no measurable difference: {unclear}/{len(rows)} rows"
+        )
+        lines.append(f"summary {runtime}: {case}: {ratios}; {counts}")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     common.quiet_warnings()
-    measure = measure_settings(args)
+    forms = runtime_settings(args)
+    measure = next(iter(forms.values()))
     print(
         f"# threads {measure.threads}, warmup {measure.warmup}, {measure.rounds} alternating "
         f"rounds, ratios are pruned / baseline with 95 % intervals, "
         f"times in ms per call; load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs",
         flush=True,
     )
-    rows = run(args, measure)
+    rows = run(args, forms)
     # Other processes on the machine distort CPU timings the most: say how busy it was.
     print(f"# load average at the end {os.getloadavg()[0]:.2f}")
     print(summary(rows))
     if args.json is not None:
-        records = [asdict(row) | {"latency_ratio": row.latency_ratio} for row in rows]
-        report = {"args": vars(args), "measure": asdict(measure), "rows": records}
+        records = [
+            asdict(row)
+            | {"latency_ratio": {name: t.latency_ratio for name, t in row.runtimes.items()}}
+            for row in rows
+        ]
+        settings = {runtime: asdict(form) for runtime, form in forms.items()}
+        report = {"args": vars(args), "measure": settings, "rows": records}
         args.json.write_text(json.dumps(report, indent=2, default=str))
 
 

@@ -141,4 +141,15 @@ ROWS = [
     ),
     Rejected("pruner-confidence-too-small", lambda s: ["pruner.confidence=1"], "pruner.confidence"),
     Rejected("pruner-key-misspelt", lambda s: ["pruner.lrr=0.1"], "pruner.lrr"),
+    # issue 13: any torchvision classifier
+    Rejected(
+        "torchvision-builder-unknown",
+        lambda s: ["model=torchvision", "model.name=resnet19"],
+        "model.name",
+    ),
+    Rejected(
+        "model-bound-to-another-size",
+        lambda s: ["model=torchvision", "model.name=vit_b_16"],  # 224 px only; digits are 32
+        "model._target_",
+    ),
 ]

@@ -49,7 +49,7 @@ VALUES = {
     "dataset.root": ["/nonexistent/dir", "IMAGE_TREE"],
     "dataset.num_classes": ["3", "10", "0"],
     "measure.repeats": ["1", "0", "200"],
-    "measure.runtime": ["eager", "jit_freeze", "tensorrt"],
+    "measure.runtime": ["eager", "jit_freeze", "onnxruntime", "compile", "tensorrt"],
     "device": ["cpu", "auto", "cuda", "tpu"],
     "tracking": ["none", "mlflow", "wandb"],
     "max_batches": ["null", "2", "0"],

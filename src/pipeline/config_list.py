@@ -8,6 +8,8 @@ from typing import Any
 
 from torch import nn
 
+from pipeline.models import output_layer_name
+
 # NNI config-list keys that hold a sparsity (max_sparsity_per_layer is a cap, left alone).
 SPARSITY_KEYS = ("sparsity", "sparsity_per_layer", "total_sparsity")
 
@@ -17,13 +19,6 @@ def step_sparsity(sparsity: float, count: int) -> float:
     if count == 1:
         return sparsity  # exactly: NNI rounds channel counts from it
     return 1.0 - (1.0 - sparsity) ** (1.0 / count)
-
-
-def last_linear_name(model: nn.Module) -> str:
-    names = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
-    if not names:
-        raise ValueError("pruner.exclude_last_layer=true needs a model with a Linear layer")
-    return names[-1]
 
 
 def resolve_config_list(
@@ -41,7 +36,7 @@ def resolve_config_list(
     sparsity becomes that of one of `steps` equal steps, applied to the model as the earlier
     steps left it, so that after all of them the kept fraction is 1 - sparsity (before rounding).
     """
-    last = last_linear_name(model) if exclude_last_layer else None
+    last = output_layer_name(model) if exclude_last_layer else None
     if config_list is not None:
         resolved = [dict(entry) for entry in config_list]
         for entry in resolved:

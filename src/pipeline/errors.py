@@ -19,3 +19,7 @@ class WeightsUnavailableError(PipelineError):
 
 class SpeedupError(PipelineError):
     """NNI's ModelSpeedup produced a model that does not run."""
+
+
+class RuntimeUnavailableError(PipelineError):
+    """The package a measure.runtime needs is not installed."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from torch import nn
 
 from pipeline.errors import WeightsUnavailableError
 from pipeline.files import atomic_path
+from pipeline.models import ChannelScale
 
 FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
@@ -59,38 +61,102 @@ def _batchnorm2d(m: nn.BatchNorm2d) -> dict[str, Any]:
     }
 
 
-LAYER_SHAPES = {"Conv2d": _conv2d, "Linear": _linear, "BatchNorm2d": _batchnorm2d}
-LAYER_TYPES = {"Conv2d": nn.Conv2d, "Linear": nn.Linear, "BatchNorm2d": nn.BatchNorm2d}
+def _layernorm(m: nn.LayerNorm) -> dict[str, Any]:
+    return {
+        "normalized_shape": list(m.normalized_shape),
+        "eps": m.eps,
+        "elementwise_affine": m.elementwise_affine,
+        "bias": m.bias is not None,
+    }
 
 
-def build_from_config(model_config: dict[str, Any]) -> nn.Module:
-    """Call the builder named by `_target_` (which must live in pipeline.models)."""
+def _channel_scale(m: ChannelScale) -> dict[str, Any]:
+    return {"channels": m.weight.shape[0]}
+
+
+LAYER_SHAPES = {
+    "Conv2d": _conv2d,
+    "Linear": _linear,
+    "BatchNorm2d": _batchnorm2d,
+    "LayerNorm": _layernorm,
+    "ChannelScale": _channel_scale,
+}
+LAYER_TYPES = {
+    "Conv2d": nn.Conv2d,
+    "Linear": nn.Linear,
+    "BatchNorm2d": nn.BatchNorm2d,
+    "LayerNorm": nn.LayerNorm,
+    "ChannelScale": ChannelScale,
+}
+
+
+def build_from_config(model_config: dict[str, Any], trusted: Sequence[str] = ()) -> nn.Module:
+    """Call the builder named by `_target_`, which must live in pipeline.models or start with
+    one of the `trusted` prefixes (your own builder: its code runs)."""
     config = dict(model_config)
     target = config.pop("_target_")
-    if not target.startswith(ALLOWED_BUILDER_PREFIX):
-        raise ValueError(f"model builder {target!r} is not in {ALLOWED_BUILDER_PREFIX}*")
+    allowed = (ALLOWED_BUILDER_PREFIX, *trusted)
+    if not target.startswith(allowed):
+        raise ValueError(
+            f"model builder {target!r} is not in {ALLOWED_BUILDER_PREFIX}*; a builder of your "
+            f"own loads with trusted=[{target.rpartition('.')[0] + '.'!r}]"
+        )
     module_name, _, function = target.rpartition(".")
     return getattr(importlib.import_module(module_name), function)(**config)
 
 
-def describe(model: nn.Module, model_config: dict[str, Any]) -> dict[str, Any]:
-    """The JSON architecture record; fails if the model holds a layer we could not rebuild."""
-    reference = dict(build_from_config(model_config).named_modules())
+def _kind(module: nn.Module) -> str | None:
+    """The recorded kind of a layer whose shape pruning may change (subclasses included, such as
+    torchvision's LayerNorm2d); None for every other module."""
+    for kind, layer_type in LAYER_TYPES.items():
+        if isinstance(module, layer_type):
+            return kind
+    return None
+
+
+def describe(
+    model: nn.Module, model_config: dict[str, Any], trusted: Sequence[str] = ()
+) -> dict[str, Any]:
+    """The JSON architecture record; fails if the model holds a layer we could not rebuild:
+    another type than the builder's, or another kind of layer whose tensors changed shape."""
+    reference = dict(build_from_config(model_config, trusted).named_modules())
     layers = {}
     for name, module in model.named_modules():
-        kind = type(module).__name__
-        if kind in LAYER_SHAPES:
+        kind = _kind(module)
+        original = reference.get(name)
+        if original is None or type(original) is not type(module):
+            raise TypeError(
+                f"cannot describe layer {name!r} of type {type(module).__name__} for a "
+                f"pickle-free save"
+            )
+        if kind is not None:
             layers[name] = {"type": kind, **LAYER_SHAPES[kind](module)}
-        elif name not in reference or type(reference[name]) is not type(module):
-            raise TypeError(f"cannot describe layer {name!r} of type {kind} for a pickle-free save")
+        elif _own_shapes(module) != _own_shapes(original):
+            raise TypeError(
+                f"cannot describe layer {name!r} of type {type(module).__name__}: pruning "
+                f"changed its tensors' shapes"
+            )
     return {"format": FORMAT_VERSION, "model": model_config, "layers": layers}
 
 
-def save_pruned(model: nn.Module, model_config: dict[str, Any], directory: str | Path) -> Path:
-    """Write model.safetensors and architecture.json into `directory`, all or nothing."""
+def _own_shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:
+    tensors = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+    return {name: tuple(tensor.shape) for name, tensor in tensors}
+
+
+def save_pruned(
+    model: nn.Module,
+    model_config: dict[str, Any],
+    directory: str | Path,
+    trusted: Sequence[str] = (),
+) -> Path:
+    """Write model.safetensors and architecture.json into `directory`, all or nothing.
+    `trusted`: see build_from_config."""
     directory = Path(directory)
-    config = dict(model_config) | {"weights": "none"}
-    record = describe(model, config)
+    config = dict(model_config)
+    if "weights" in config:
+        config["weights"] = "none"  # the saved tensors hold them
+    record = describe(model, config, trusted)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with atomic_path(directory, directory=True) as staging:
         save_file(tensors, staging / WEIGHTS_FILE, metadata={"format": str(FORMAT_VERSION)})
@@ -98,19 +164,26 @@ def save_pruned(model: nn.Module, model_config: dict[str, Any], directory: str |
     return directory
 
 
-def load_pruned(directory: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+def load_pruned(
+    directory: str | Path, device: str | torch.device = "cpu", trusted: Sequence[str] = ()
+) -> nn.Module:
     """Rebuild a model saved by save_pruned, in eval mode; needs neither NNI nor pickle.
-    A missing, truncated or foreign folder is refused with one WeightsUnavailableError line."""
+    A missing, truncated or foreign folder is refused with one WeightsUnavailableError line.
+    `trusted`: module prefixes of your own builders that may be called (e.g. ["my_models."]);
+    the builders of pipeline.models always may."""
     directory = Path(directory)
     try:
         record = json.loads((directory / ARCHITECTURE_FILE).read_text())
         if record.get("format") != FORMAT_VERSION:
             raise ValueError(f"unsupported pruned-model format {record.get('format')!r}")
-        model = build_from_config(record["model"])
+        model = build_from_config(record["model"], trusted)
         for name, spec in record["layers"].items():
             spec = dict(spec)
             layer = LAYER_TYPES[spec.pop("type")]
-            for key in ("kernel_size", "stride", "padding", "dilation"):
+            original = model.get_submodule(name)
+            if isinstance(original, layer):
+                layer = type(original)  # a subclass such as LayerNorm2d keeps its forward
+            for key in ("kernel_size", "stride", "padding", "dilation", "normalized_shape"):
                 if isinstance(spec.get(key), list):
                     spec[key] = tuple(spec[key])
             model.set_submodule(name, layer(**spec))

@@ -1,5 +1,6 @@
-"""The one place that imports NNI 2.10.1: the pruner (its class from pruner._target_), the
-evaluator's training functions, ModelSpeedup with its retry, and NNI's log levels.
+"""The one place that calls NNI 2.10.1: the pruner (its class from pruner._target_), the
+evaluator's training functions, ModelSpeedup with its retry (and, in pipeline.nni_rules, the
+replacement rules it lacks), and NNI's log levels.
 
 NNI is imported inside the functions, so that loading a pruned model, the command line's config
 checks and everything else run without it.
@@ -18,6 +19,7 @@ from torch import nn
 
 from pipeline.errors import SpeedupError
 from pipeline.inference import fold_batchnorm
+from pipeline.nni_rules import channel_following_norms, replacement_rules
 from pipeline.schema import PrunerSettings
 from pipeline.training import cycled_batches, train_steps
 
@@ -210,7 +212,16 @@ def model_speedup(
     device = next(model.parameters()).device
     dummy_input = torch.rand(confidence, *shape, device=device)
     model.eval()
-    ModelSpeedup(model, dummy_input, masks, confidence=confidence).speedup_model()
+    speedup = ModelSpeedup(
+        model,
+        dummy_input,
+        masks,
+        confidence=confidence,
+        customized_replace_func=replacement_rules(model),
+    )
+    # After tracing (the graph keeps the norms' own types), before mask inference.
+    with channel_following_norms(model):
+        speedup.speedup_model()
     try:
         with torch.no_grad():
             model(torch.rand(2, *check_shape, device=device))

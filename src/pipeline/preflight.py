@@ -1,5 +1,6 @@
 """Checks that need the disk, the model or the network, made before any work: the dataset's
-layout, the layers a config list names, the checkpoints' shapes, the tracking server.
+layout, the runtime's package, the layers a config list names, the checkpoints' shapes, the
+tracking server.
 
 `config.settings_from` checks what the settings say; these check that what they point at fits.
 Each failure is one ConfigError line naming the key, the bad value and what is allowed.
@@ -12,7 +13,7 @@ import urllib.request
 from typing import Any
 
 from pipeline.data_layout import check_layout
-from pipeline.errors import ConfigError, WeightsUnavailableError
+from pipeline.errors import ConfigError, RuntimeUnavailableError, WeightsUnavailableError
 from pipeline.schema import RunSettings
 
 # An unreachable server must fail in seconds, not after MLflow's two minutes of retries.
@@ -23,14 +24,26 @@ MODEL_WEIGHT_NAMES = ("none", "imagenet")  # model.weights values that are not c
 def check_inputs(settings: RunSettings) -> None:
     """Everything a run will read fits the run, or one ConfigError line says what does not."""
     check_layout(dict(settings.dataset))
+    check_runtime(settings.measure.runtime.value)
+    check_model_choice(settings.model)
     checkpoints = _checkpoints(settings)
     layer_names = _op_names(settings.pruner.config_list)
-    if not checkpoints and not layer_names:
-        return  # the model is built only when something must be checked against it
     model = _bare_model(settings.model)
+    check_model_runs(model, settings)
     for key, path in checkpoints:
         check_checkpoint_fits(key, path, model)
     check_layer_names(layer_names, model)
+
+
+def check_runtime(runtime: str) -> None:
+    """The package measure.runtime needs is installed: a missing extra fails before training,
+    not in the measure stage."""
+    from pipeline.inference import require_runtime
+
+    try:
+        require_runtime(runtime)
+    except RuntimeUnavailableError as error:
+        raise ConfigError(str(error)) from None
 
 
 def _checkpoints(settings: RunSettings) -> list[tuple[str, str]]:
@@ -49,6 +62,58 @@ def _op_names(config_list: Any) -> list[tuple[str, str]]:
         for index, entry in enumerate(config_list or [])
         for name in (entry.get("op_names") or [])
     ]
+
+
+TORCHVISION_BUILDER = "pipeline.models.torchvision_classifier"
+LITE0_BUILDER = "pipeline.models.efficientnet_lite0"
+
+
+def check_model_choice(model_settings: Any) -> None:
+    """model.name is a torchvision classification builder; the extra that ships
+    EfficientNet-Lite0's weights is installed when they are asked for."""
+    from pipeline import models
+
+    target = model_settings.get("_target_")
+    if target == TORCHVISION_BUILDER:
+        names = models.torchvision_names()
+        if model_settings.get("name") not in names:
+            raise ConfigError(
+                f"model.name={model_settings.get('name')!r} is not allowed; allowed values: "
+                f"{', '.join(names)}"
+            )
+    if target == LITE0_BUILDER and model_settings.get("weights") == "imagenet":
+        try:
+            models.lite0_imagenet_state_path()
+        except WeightsUnavailableError as error:
+            raise ConfigError(str(error)) from None
+
+
+def check_model_runs(model, settings: RunSettings) -> None:
+    """The model classifies one image of the dataset's size into dataset.num_classes scores:
+    what a builder of your own (model._target_) must do, and what a size-bound torchvision
+    model (vit_*, maxvit_t: +model.image_size) does only at its own size."""
+    import torch
+
+    size = dict(settings.dataset).get("image_size")
+    classes = dict(settings.dataset).get("num_classes")
+    if size is None:
+        return
+    try:
+        with torch.no_grad():
+            scores = model.eval()(torch.zeros(1, 3, size, size))
+    except Exception as error:
+        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+        raise ConfigError(
+            f"model._target_={settings.model.get('_target_')!r} cannot classify "
+            f"{size}x{size} images (dataset.image_size={size}): {type(error).__name__}: "
+            f"{reason}"
+        ) from None
+    if not torch.is_tensor(scores) or tuple(scores.shape) != (1, classes):
+        shape = tuple(scores.shape) if torch.is_tensor(scores) else type(scores).__name__
+        raise ConfigError(
+            f"model._target_={settings.model.get('_target_')!r} returns {shape} for one image; "
+            f"allowed: a tensor of (batch, dataset.num_classes={classes}) class scores"
+        )
 
 
 def _bare_model(model_settings: Any):

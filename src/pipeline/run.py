@@ -106,7 +106,7 @@ def run(settings: RunSettings, run_dir: Path, tracker: Tracker | None = None) ->
         with monitor.stage("baseline"):
             seed_stage(settings.seed, "baseline")
             base = baseline(
-                build_from_config(settings.model),
+                build_from_config(settings.model, trusted=[settings.model["_target_"]]),
                 baseline_inputs,
                 settings.baseline,
                 baseline_cache_path(settings),
@@ -148,7 +148,9 @@ def run(settings: RunSettings, run_dir: Path, tracker: Tracker | None = None) ->
                 seed=settings.seed,
             )
 
-    model_dir = save_pruned(tuned.model, settings.model, run_dir / "pruned_model")
+    model_dir = save_pruned(
+        tuned.model, settings.model, run_dir / "pruned_model", [settings.model["_target_"]]
+    )
     if settings.measure.onnx:
         export_onnx(tuned.model, splits.input_shape, model_dir / "model.onnx")
 

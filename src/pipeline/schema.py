@@ -41,6 +41,8 @@ class Schedule(str, Enum):
 class Runtime(str, Enum):
     eager = "eager"
     jit_freeze = "jit_freeze"
+    onnxruntime = "onnxruntime"  # the .[runtimes] extra
+    compile = "compile"  # torch.compile
 
 
 class DeviceChoice(str, Enum):

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from pipeline.data import StageInputs
-from pipeline.inference import inference_model
+from pipeline.inference import inference_model, runtime_versions
 from pipeline.latency import (
     CallTimer,
     LatencyStats,
@@ -66,15 +66,45 @@ def quality(model: nn.Module, test_loader: Iterable, inputs: StageInputs) -> dic
     }
 
 
-def prepared(model: nn.Module, input_shape: tuple[int, ...], device, settings: MeasureSettings):
-    """The model's inference form: measure.runtime, measure.fold_bn, measure.channels_last."""
+def prepared(
+    model: nn.Module,
+    input_shape: tuple[int, ...],
+    device,
+    settings: MeasureSettings,
+    batch_sizes: tuple[int, ...] = (1,),
+):
+    """The model's inference form: measure.runtime, measure.fold_bn, measure.channels_last (and
+    measure.threads for onnxruntime's session), ready for the batch sizes it will be timed at."""
     return inference_model(
         model.to(device),
         input_shape,
         settings.runtime.value,
         settings.fold_bn,
         settings.channels_last,
+        settings.threads,
+        batch_sizes,
     )
+
+
+def prepared_pair(
+    baseline: nn.Module,
+    pruned: nn.Module,
+    input_shape: tuple[int, ...],
+    device: torch.device,
+    settings: MeasureSettings,
+    batch_sizes: tuple[int, ...] = (1,),
+) -> dict[str, nn.Module]:
+    """Both models' inference forms, prepared together for one comparison at `batch_sizes`."""
+    if settings.runtime.value == "compile":
+        # Dynamo keeps compiled graphs per code object, shared by every model of one class, up
+        # to a recompile limit past which it runs eager (a log warning only): a benchmark's rows
+        # or sweep jobs in one process would reach it. Forms of an earlier pair are not timed
+        # again, so their graphs can go.
+        torch.compiler.reset()
+    return {
+        "baseline": prepared(baseline, input_shape, device, settings, batch_sizes),
+        "pruned": prepared(pruned, input_shape, device, settings, batch_sizes),
+    }
 
 
 def timed_pair(
@@ -88,9 +118,10 @@ def timed_pair(
 ) -> PairedLatency:
     """Both models' inference forms timed in alternating rounds (measure.rounds): how the
     measure stage and benchmarks/latency.py time every pair, so that their figures agree."""
+    forms = prepared_pair(baseline, pruned, input_shape, device, settings, (batch_size,))
     return _time_prepared(
-        prepared(baseline, input_shape, device, settings),
-        prepared(pruned, input_shape, device, settings),
+        forms["baseline"],
+        forms["pruned"],
         input_shape,
         device,
         settings,
@@ -161,7 +192,8 @@ def speed(
             "name": settings.runtime.value,
             "fold_bn": settings.fold_bn,
             "channels_last": settings.channels_last,
-        },
+        }
+        | runtime_versions(baseline),
         "threads": torch.get_num_threads() if settings.threads is None else settings.threads,
     }
     ratio = latency_ratio(single.baseline_rounds, single.pruned_rounds)
@@ -276,11 +308,10 @@ def measure(
     # Other work on the CPUs (a second job, a build) stalls the threads of every layer; the
     # ratio then says more about layer counts than about widths. Say so instead of hiding it.
     busy = busy_cores() if device.type == "cpu" else 0
-    # Prepared once (a BN-folded copy, traced and frozen with jit_freeze) for every timing.
-    forms = {
-        "baseline": prepared(baseline_model, shape, device, settings),
-        "pruned": prepared(pruned_model, shape, device, settings),
-    }
+    # Prepared once (a BN-folded copy, traced and frozen with jit_freeze, exported to ONNX or
+    # compiled) for every timing: batch-1 latency, then throughput and resource windows.
+    batch_sizes = (1, settings.throughput_batch_size)
+    forms = prepared_pair(baseline_model, pruned_model, shape, device, settings, batch_sizes)
     base_speed, pruned_speed, ratio = speed(
         forms["baseline"], forms["pruned"], shape, device, settings, busy
     )

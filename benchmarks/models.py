@@ -1,0 +1,504 @@
+"""Which torchvision classifiers can the pipeline prune? A compatibility table.
+
+Every classification builder of the installed torchvision (torchvision.models.list_models) goes,
+for each pruner, through the pipeline's own stage functions at a small input size:
+
+    build (random init, 10 classes) -> prune (dependency_aware, sparsity 0.3, one step, the
+    project's channel rounding) -> speedup (pipeline.nni_adapter, with its replacement rules and
+    checks) -> save_pruned -> load_pruned in a fresh Python process (which must not import NNI)
+    -> outputs identical to the in-process pruned model's on the same input
+
+and the row records pass/fail with the failing step and the first line of its error, the
+params / MACs / CPU latency ratios of the pruned model against the unpruned one (batch 1, the
+measure stage's alternating rounds), and the seconds it took. Each model runs in its own process
+with a time limit, so one crash or hang costs one row. Models above --max-params are skipped,
+listed as skipped and never counted as passing.
+
+    python benchmarks/models.py                              # every builder, docs/models.md
+    python benchmarks/models.py --models resnet18,vgg11 --output /tmp/models.md
+    python benchmarks/models.py --max-params 100e6 --results outputs/models_results
+
+Results are kept per model and pruner under --results; a rerun reuses them (--fresh redoes all),
+so an interrupted run goes on where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PRUNERS = ("mean_rank", "apoz")
+SPARSITY = 0.3
+NUM_CLASSES = 10
+DEFAULT_SIZE = 64
+# Builders that need another input size: Inception v3 pools below 75 px; MaxViT partitions
+# 7x7 windows at every stage; ViT-H/14's patches must tile the image.
+SIZES = {"inception_v3": 96, "maxvit_t": 224, "vit_h_14": 56}
+LATENCY_REPEATS = 40
+LATENCY_ROUNDS = 4
+
+
+def builder_options(name: str, size: int) -> dict:
+    """Keyword arguments a size-bound builder needs to run at `size`."""
+    if name.startswith("vit_"):
+        return {"image_size": size}
+    return {}
+
+
+def model_config(name: str, size: int) -> dict:
+    return {
+        "_target_": "pipeline.models.torchvision_classifier",
+        "name": name,
+        "num_classes": NUM_CLASSES,
+        "weights": "none",
+        **builder_options(name, size),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# One model, each pruner, in a process of its own (--worker).
+
+
+def run_model(name: str, pruners: list[str], size: int, results: Path) -> list[dict]:
+    """Every step for one model and each pruner, in this process but the reload (one fresh
+    process for all of the model's pruned copies); each record says how far it got."""
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    import _common as common
+    import torch
+
+    from pipeline.export import build_from_config
+    from pipeline.model_stats import count_macs, count_params
+
+    shape = (3, size, size)
+    config = model_config(name, size)
+    common.seed_everything()
+    started = time.perf_counter()
+    base: dict = {"model": name, "size": size}
+    try:
+        model = build_from_config(config).eval()
+        base |= {"params": count_params(model), "macs": count_macs(model, shape)}
+    except Exception as error:
+        return [_failed(base | {"pruner": p}, "build", error, started) for p in pruners]
+    generator = torch.Generator().manual_seed(common.SEED)
+    probe = torch.randn(2, *shape, generator=generator)
+    records, pruned_models = [], {}
+    for pruner in pruners:
+        folder = results / f"{name}-{pruner}"
+        folder.mkdir(parents=True, exist_ok=True)
+        record, small = _prune_and_save(model, config, pruner, shape, folder, base, probe)
+        records.append(record)
+        if small is not None:
+            pruned_models[pruner] = small
+    # Reload every saved model in one fresh interpreter, then time the ones that came back equal.
+    passed = [r for r in records if r.get("step") == "reload"]
+    if passed:
+        started = time.perf_counter()
+        folders = [results / f"{name}-{r['pruner']}" for r in passed]
+        try:
+            outputs = _reload_elsewhere(folders, probe)
+        except Exception as error:
+            outputs = {str(f): error for f in folders}
+        for record, folder in zip(passed, folders, strict=True):
+            record["seconds"] += round(time.perf_counter() - started, 1) / len(passed)
+            reloaded = outputs[str(folder)]
+            if isinstance(reloaded, Exception):
+                _failed(record, "reload", reloaded, None)
+                continue
+            expected = torch.load(folder / "expected.pt", weights_only=True)
+            if not torch.equal(reloaded, expected):
+                difference = (reloaded - expected).abs().max().item()
+                _failed(
+                    record,
+                    "reload",
+                    AssertionError(f"reloaded outputs differ (max |diff| {difference:.3g})"),
+                    None,
+                )
+                continue
+            started_latency = time.perf_counter()
+            record["latency"] = _latency_ratio(model, pruned_models[record["pruner"]], shape)
+            record["seconds"] += round(time.perf_counter() - started_latency, 1)
+            record["status"], record["step"] = "pass", None
+    for record in records:
+        record["seconds"] = round(record["seconds"], 1)
+    return records
+
+
+def _prune_and_save(model, config, pruner, shape, folder, base, probe):
+    """Prune a copy of `model` with `pruner`, speed it up, save it and its outputs on `probe`;
+    the record's step is "reload" when all of that worked (the reload is the caller's)."""
+    import _common as common
+    import torch
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from pipeline.data import Loaders, StageInputs
+    from pipeline.export import save_pruned
+    from pipeline.model_stats import count_macs, count_params
+    from pipeline.nni_adapter import quiet_nni
+    from pipeline.nni_adapter import speedup as nni_speedup
+    from pipeline.stages.prune import prune
+
+    record = base | {"pruner": pruner}
+    started = time.perf_counter()
+    step = "prune"
+    try:
+        quiet_nni()
+        settings = common.project_settings(
+            [
+                f"pruner={pruner}",
+                "pruner.mode=dependency_aware",
+                "pruner.iterations=1",
+                "pruner.training_steps=2",
+                "pruner.batch_size=8",
+                "pruner.pruning_on_cuda=false",
+                f"sparsity={SPARSITY}",
+            ]
+        ).pruner
+        common.seed_everything()
+        generator = torch.Generator().manual_seed(common.SEED)
+        images = torch.randn(16, *shape, generator=generator)
+        labels = torch.randint(0, NUM_CLASSES, (16,), generator=generator)
+        loader = DataLoader(TensorDataset(images, labels), batch_size=8)
+        inputs = StageInputs(
+            Loaders(train=loader, val=(), test=()),
+            nn.CrossEntropyLoss(),
+            torch.device("cpu"),
+            shape,
+        )
+        pruned = prune(_copy(model), inputs, settings, SPARSITY)
+
+        step = "speedup"
+        small = nni_speedup(
+            pruned.model, pruned.masks, shape, settings.confidence, settings.trace_input_size
+        ).eval()
+        record["pruned_params"] = count_params(small)
+        record["pruned_macs"] = count_macs(small, shape)
+
+        step = "save"
+        save_pruned(small, config, folder / "pruned_model")
+        with torch.no_grad():
+            torch.save(small(probe), folder / "expected.pt")
+    except Exception as error:
+        (folder / "traceback.txt").write_text(traceback.format_exc())
+        return _failed(record, step, error, started), None
+    record |= {"status": "fail", "step": "reload", "seconds": time.perf_counter() - started}
+    return record, small
+
+
+def _failed(record: dict, step: str, error: BaseException, started: float | None) -> dict:
+    record |= {
+        "status": "fail",
+        "step": step,
+        "error": _first_line(error),
+        "operation": _operation(error),
+    }
+    if started is not None:
+        record["seconds"] = round(time.perf_counter() - started, 1)
+    return record
+
+
+def _copy(model):
+    import copy
+
+    return copy.deepcopy(model)
+
+
+def _reload_elsewhere(folders: list[Path], probe) -> dict:
+    """load_pruned in a fresh interpreter that must not import NNI: each folder's outputs on the
+    probe (or the exception that loading raised)."""
+    import torch
+
+    probe_file = folders[0].parent / f"{folders[0].name}.probe.pt"
+    torch.save(probe, probe_file)
+    script = (
+        "import sys, json, torch, pipeline\n"
+        f"probe = torch.load({str(probe_file)!r}, weights_only=True)\n"
+        "errors = {}\n"
+        f"for folder in {[str(f) for f in folders]!r}:\n"
+        "    try:\n"
+        "        model = pipeline.load_pruned(folder + '/pruned_model')\n"
+        "        with torch.no_grad():\n"
+        "            torch.save(model(probe), folder + '/reloaded.pt')\n"
+        "    except Exception as error:\n"
+        "        errors[folder] = f'{type(error).__name__}: {error}'.splitlines()[0][:200]\n"
+        "nni = [m for m in sys.modules if m == 'nni' or m.startswith('nni.')]\n"
+        "print(json.dumps({'errors': errors, 'nni': bool(nni)}))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=900
+    )
+    probe_file.unlink(missing_ok=True)
+    if done.returncode != 0:
+        lines = [line for line in done.stderr.strip().splitlines() if line.strip()]
+        raise RuntimeError(f"load_pruned in a fresh process: {lines[-1] if lines else '?'}")
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    outputs: dict = {}
+    for folder in folders:
+        if report["nni"]:
+            outputs[str(folder)] = RuntimeError("load_pruned imported NNI")
+        elif str(folder) in report["errors"]:
+            outputs[str(folder)] = RuntimeError(report["errors"][str(folder)])
+        else:
+            outputs[str(folder)] = torch.load(folder / "reloaded.pt", weights_only=True)
+    return outputs
+
+
+def _latency_ratio(baseline, pruned, shape) -> dict:
+    import _common as common
+    import torch
+
+    settings = common.measure_settings(
+        warmup=3, repeats=LATENCY_REPEATS, rounds=LATENCY_ROUNDS, runtime="eager"
+    )
+    pair, ratio = common.timed_ratio(baseline, pruned, shape[-1], torch.device("cpu"), settings)
+    return {key: ratio[key] for key in ("ratio", "ci_low", "ci_high")}
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    line = text.splitlines()[0] if text else ""
+    return f"{type(error).__name__}: {line}"[:240]
+
+
+def _operation(error: BaseException) -> str | None:
+    """The graph node or module type NNI was working on when it failed, from the traceback's
+    frames (NNI names its nodes `<scope>.<aten op>.<index>` and its modules by type)."""
+    found = None
+    tb = error.__traceback__
+    while tb is not None:
+        local = tb.tb_frame.f_locals
+        for key in ("curnode", "node"):
+            node = local.get(key)
+            if node is not None and hasattr(node, "op_type"):
+                found = f"{node.op_type} at {node.name}"
+        if "m_type" in local:
+            found = f"module type {local['m_type']}"
+        tb = tb.tb_next
+    return found
+
+
+# ---------------------------------------------------------------------------------------------
+# The driver: one subprocess per model and pruner, then the table.
+
+
+def run_all(args: argparse.Namespace) -> list[dict]:
+    import torchvision
+
+    names = torchvision.models.list_models(module=torchvision.models)
+    if args.models:
+        wanted = args.models.split(",")
+        unknown = sorted(set(wanted) - set(names))
+        if unknown:
+            sys.exit(f"--models: {', '.join(unknown)} not in torchvision {torchvision.__version__}")
+        names = [name for name in names if name in wanted]
+    pruners = args.pruners.split(",")
+    records = []
+    for name in names:
+        size = SIZES.get(name, DEFAULT_SIZE)
+        files = {p: args.results / f"{name}-{p}" / "result.json" for p in pruners}
+        kept = {}
+        for pruner, file in files.items():
+            if file.is_file() and not args.fresh:
+                previous = json.loads(file.read_text())
+                if not (args.redo_failed and previous["status"] == "fail"):
+                    kept[pruner] = previous
+        todo = [p for p in pruners if p not in kept]
+        records += kept.values()
+        if not todo:
+            continue
+        params = _param_count(name, size)
+        if params > args.max_params:
+            new = [
+                {"model": name, "pruner": p, "size": size, "params": params, "status": "skipped"}
+                | {"error": f"{params / 1e6:.0f} M parameters > --max-params"}
+                for p in todo
+            ]
+        else:
+            new = _in_subprocess(name, todo, size, args.results, args.timeout)
+        for record in new:
+            files[record["pruner"]].parent.mkdir(parents=True, exist_ok=True)
+            files[record["pruner"]].write_text(json.dumps(record, indent=2))
+            records.append(record)
+            print(_progress_line(record), flush=True)
+    return records
+
+
+def _param_count(name: str, size: int) -> int:
+    """Parameters of the builder's model, counted without allocating its weights."""
+    import torch
+
+    from pipeline.export import build_from_config
+
+    with torch.device("meta"):
+        model = build_from_config(model_config(name, size))
+    return sum(p.numel() for p in model.parameters())
+
+
+def _in_subprocess(
+    name: str, pruners: list[str], size: int, results: Path, timeout: float
+) -> list[dict]:
+    """run_model in a process of its own: a crash or a hang costs one model's rows."""
+    output = results / f"{name}.worker.json"
+    output.unlink(missing_ok=True)
+    command = [
+        sys.executable,
+        __file__,
+        "--worker",
+        name,
+        ",".join(pruners),
+        str(size),
+        str(results),
+    ]
+    started = time.perf_counter()
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+        if done.returncode == 0 and output.is_file():
+            return json.loads(output.read_text())
+        lines = [line for line in (done.stderr or "").strip().splitlines() if line.strip()]
+        step, error = "crash", f"exit {done.returncode}: {lines[-1][:200] if lines else '?'}"
+    except subprocess.TimeoutExpired:
+        step, error = "timeout", f"did not finish in {timeout:.0f} s"
+    seconds = round(time.perf_counter() - started, 1)
+    return [
+        {"model": name, "pruner": p, "size": size, "status": "fail", "step": step}
+        | {"error": error, "seconds": seconds}
+        for p in pruners
+    ]
+
+
+def _progress_line(record: dict) -> str:
+    if record["status"] == "pass":
+        return (
+            f"{record['model']:<22} {record['pruner']:<9} pass  params "
+            f"{record['pruned_params'] / record['params']:.3f}  MACs "
+            f"{record['pruned_macs'] / record['macs']:.3f}  latency "
+            f"{record['latency']['ratio']:.3f}  {record['seconds']:.0f} s"
+        )
+    where = record.get("step", "")
+    status = f"{record['model']:<22} {record['pruner']:<9} {record['status']:<5}"
+    return f"{status} {where}: {record.get('error', '')}"
+
+
+# ---------------------------------------------------------------------------------------------
+# docs/models.md
+
+
+def table(records: list[dict], pruners: list[str], command: str) -> str:
+    import nni
+    import torch
+    import torchvision
+
+    by_model: dict[str, dict[str, dict]] = {}
+    for record in records:
+        by_model.setdefault(record["model"], {})[record["pruner"]] = record
+    total = len(by_model)
+    counts = {
+        pruner: sum(1 for rows in by_model.values() if rows.get(pruner, {}).get("status") == "pass")
+        for pruner in pruners
+    }
+    lines = [
+        "# Which torchvision classifiers the pipeline prunes",
+        "",
+        "Every classification builder of the installed torchvision, random weights, 10 classes, "
+        f"through prune (dependency_aware, sparsity {SPARSITY}, one step, channels rounded as "
+        "the project's default `pruner.round_to`) -> speedup -> `save_pruned` -> `load_pruned` in "
+        "a fresh process without NNI -> identical outputs. Ratios are the pruned model's against "
+        f"the unpruned one's; latency: CPU, batch 1, eager, {LATENCY_REPEATS} calls each in "
+        f"{LATENCY_ROUNDS} alternating rounds (the measure stage's timing). Input "
+        f"{DEFAULT_SIZE}x{DEFAULT_SIZE} except "
+        + ", ".join(f"{name} {size}x{size}" for name, size in SIZES.items())
+        + ". Skipped models count as not passing.",
+        "",
+        "Passing end to end: "
+        + ", ".join(f"**{counts[p]} of {total}** with `{p}`" for p in pruners)
+        + ". (Torch-Pruning publishes 77 of 85 for its own pruners.)",
+        "",
+        f"Produced by `{command}` with torch {torch.__version__}, torchvision "
+        f"{torchvision.__version__}, NNI {nni.__version__}, Python {platform.python_version()}, "
+        f"on {platform.machine()} ({os.cpu_count()} CPUs).",
+        "",
+        "| model | params (M) | "
+        + " | ".join(f"{p} | params | MACs | latency | s" for p in pruners)
+        + " |",
+        "|---|---:|" + "---|---:|---:|---:|---:|" * len(pruners),
+    ]
+    for name in sorted(by_model):
+        rows = by_model[name]
+        params = next((r.get("params") for r in rows.values() if r.get("params")), None)
+        cells = [name, f"{params / 1e6:.1f}" if params else "?"]
+        for pruner in pruners:
+            cells += _cells(rows.get(pruner))
+        lines.append("| " + " | ".join(cells) + " |")
+    failures = [
+        record
+        for record in records
+        if record["status"] != "pass" and record["pruner"] == pruners[0]
+    ]
+    if failures:
+        lines += ["", f"## What fails, and where (`{pruners[0]}`)", ""]
+        for record in sorted(failures, key=lambda r: r["model"]):
+            operation = f" ({record['operation']})" if record.get("operation") else ""
+            lines.append(
+                f"- **{record['model']}**: {record['status']} at {record.get('step', 'start')}"
+                f"{operation}: {record.get('error', '')}"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def _cells(record: dict | None) -> list[str]:
+    if record is None:
+        return ["not run", "", "", "", ""]
+    if record["status"] != "pass":
+        label = "skipped" if record["status"] == "skipped" else f"fail: {record.get('step')}"
+        return [label, "", "", "", f"{record.get('seconds', 0):.0f}" if "seconds" in record else ""]
+    latency = record["latency"]
+    return [
+        "pass",
+        f"{record['pruned_params'] / record['params']:.3f}",
+        f"{record['pruned_macs'] / record['macs']:.3f}",
+        f"{latency['ratio']:.2f} [{latency['ci_low']:.2f}, {latency['ci_high']:.2f}]",
+        f"{record['seconds']:.0f}",
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=None, help="comma-separated builders (default: all)")
+    parser.add_argument("--pruners", default=",".join(PRUNERS))
+    parser.add_argument(
+        "--max-params",
+        type=float,
+        default=float("inf"),
+        help="skip builders with more parameters (listed as skipped, not passing)",
+    )
+    parser.add_argument("--timeout", type=float, default=1200, help="seconds per model and pruner")
+    parser.add_argument("--results", type=Path, default=ROOT / "outputs" / "models_benchmark")
+    parser.add_argument("--output", type=Path, default=ROOT / "docs" / "models.md")
+    parser.add_argument("--fresh", action="store_true", help="redo rows already recorded")
+    parser.add_argument("--redo-failed", action="store_true", help="redo the rows that failed")
+    parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        name, pruners, size, results = args.worker
+        records = run_model(name, pruners.split(","), int(size), Path(results))
+        (Path(results) / f"{name}.worker.json").write_text(json.dumps(records, indent=2))
+        return
+    records = run_all(args)
+    command = "python benchmarks/models.py " + " ".join(sys.argv[1:])
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(table(records, args.pruners.split(","), command.strip()))
+    print(f"table: {args.output}")
+
+
+if __name__ == "__main__":
+    main()

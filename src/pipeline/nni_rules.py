@@ -1,0 +1,137 @@
+"""What NNI 2.10.1's ModelSpeedup lacks for torchvision's classifiers, added as NNI allows:
+replacement rules for module types it has none for, and, while it infers masks, norms that let
+a removed channel stay removed.
+
+NNI is imported inside the functions (see pipeline.nni_adapter).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import nn
+
+
+def replacement_rules(model: nn.Module) -> dict[str, Callable]:
+    """ModelSpeedup's `customized_replace_func` for the module types of `model`.
+
+    NNI refuses to go past a module type it has no rule for, even one that holds no tensors
+    (torchvision's Hardswish in MobileNetV3, StochasticDepth in EfficientNet and ConvNeXt,
+    Permute, Identity). A module with no parameters and no buffers has nothing whose size
+    depends on the channels that survive, so it stays as it is; the forward pass at the real
+    size after speedup checks the result. ConvNeXt's layer scale (pipeline.models.ChannelScale)
+    and its channels-first LayerNorm2d are narrowed along dim 1.
+    """
+    from nni.compression.pytorch.speedup.compress_modules import replace_module
+
+    rules: dict[str, Callable] = {
+        "ChannelScale": _narrower_scale,
+        # NNI names the rule by the type in its traced graph: the norms' own (see
+        # channel_following_norms).
+        "LayerNorm2d": _narrower_norm(dim=1),
+        "LayerNorm": _narrower_norm(dim=-1),
+    }
+    for module in model.modules():
+        kind = type(module).__name__
+        if kind in replace_module or kind in rules:
+            continue
+        if next(module.parameters(recurse=False), None) is None and not list(
+            module.buffers(recurse=False)
+        ):
+            rules[kind] = _unchanged
+    return rules
+
+
+def _unchanged(module: nn.Module, masks) -> nn.Module:
+    return module
+
+
+def _kept(masks, dim: int) -> torch.Tensor:
+    """Indexes of the channels (along `dim`) that the module's input keeps."""
+    from nni.compression.pytorch.speedup.compress_modules import convert_to_coarse_mask
+
+    in_masks, _, _ = masks
+    _, kept = convert_to_coarse_mask(in_masks[0], dim)
+    return kept
+
+
+def _narrower_scale(module: nn.Module, masks) -> nn.Module:
+    """pipeline.models.ChannelScale keeps the factors of the channels that survive."""
+    kept = _kept(masks, 1).to(module.weight.device)
+    narrower = type(module)(len(kept)).to(module.weight.device)
+    with torch.no_grad():
+        narrower.weight.copy_(module.weight.index_select(0, kept))
+    return narrower
+
+
+def _narrower_norm(dim: int) -> Callable:
+    def replace(module: nn.LayerNorm, masks) -> nn.Module:
+        """The norm's own class again (see channel_following_norms), over the kept channels."""
+        if not isinstance(module, (ChannelFollowingNorm2d, ChannelFollowingNorm)):
+            from nni.compression.pytorch.speedup.compress_modules import replace_layernorm
+
+            return replace_layernorm(module, masks)  # a LayerNorm left as it was: NNI's rule
+        kept = _kept(masks, dim).to(module.weight.device if module.weight is not None else "cpu")
+        original = module.original_class
+        narrower = original(len(kept), eps=module.eps, elementwise_affine=module.elementwise_affine)
+        narrower.to(kept.device)
+        if module.elementwise_affine:
+            with torch.no_grad():
+                narrower.weight.copy_(module.weight.index_select(0, kept))
+                if module.bias is not None:
+                    narrower.bias.copy_(module.bias.index_select(0, kept))
+        return narrower
+
+    return replace
+
+
+class ChannelFollowingNorm2d(nn.LayerNorm):
+    """A channels-first LayerNorm (torchvision's LayerNorm2d) whose output is zero on every
+    channel where its whole input is zero: for NNI's mask inference only."""
+
+    original_class: type[nn.LayerNorm]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        alive = (x != 0).any(dim=0).flatten(1).any(dim=1)
+        return self.original_class.forward(self, x) * alive.view(1, -1, *([1] * (x.dim() - 2)))
+
+
+class ChannelFollowingNorm(nn.LayerNorm):
+    """ChannelFollowingNorm2d for a LayerNorm over the last dimension (channels last)."""
+
+    original_class: type[nn.LayerNorm]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        alive = (x != 0).flatten(0, -2).any(dim=0)
+        return self.original_class.forward(self, x) * alive
+
+
+@contextlib.contextmanager
+def channel_following_norms(model: nn.Module) -> Iterator[None]:
+    """While NNI infers masks, LayerNorms over one channel dimension zero the channels whose
+    input is all zero.
+
+    NNI marks a channel removed when its values are zero (or constant) on every sample, and a
+    LayerNorm turns a removed (zero) channel into -mean/std, which varies: NNI then keeps the
+    channel after the norm while its own LayerNorm rule narrows the norm, and the next layer
+    (ConvNeXt's depthwise convolution, its Linear layers) no longer fits. Zeroing them keeps
+    the removed channels removed through the norm. Every norm gets its class back afterwards;
+    the replacement rules build narrower ones of the original class.
+    """
+    for module in model.modules():
+        if not isinstance(module, nn.LayerNorm) or len(module.normalized_shape) != 1:
+            continue
+        original = type(module)
+        channels_first = original.__name__ == "LayerNorm2d"
+        if original is not nn.LayerNorm and not channels_first:
+            continue  # a LayerNorm subclass whose layout is unknown: NNI's own rule
+        module.__class__ = ChannelFollowingNorm2d if channels_first else ChannelFollowingNorm
+        module.original_class = original
+    try:
+        yield
+    finally:
+        for module in model.modules():
+            if isinstance(module, (ChannelFollowingNorm2d, ChannelFollowingNorm)):
+                module.__class__ = module.__dict__.pop("original_class")
