@@ -273,18 +273,24 @@ def _first_line(error: BaseException) -> str:
 def _operation(error: BaseException) -> str | None:
     """The graph node or module type NNI was working on when it failed, from the traceback's
     frames (NNI names its nodes `<scope>.<aten op>.<index>` and its modules by type)."""
-    found = None
+    found, innermost = None, None
     tb = error.__traceback__
     while tb is not None:
-        local = tb.tb_frame.f_locals
+        frame = tb.tb_frame
+        local = frame.f_locals
         for key in ("curnode", "node"):
             node = local.get(key)
             if node is not None and hasattr(node, "op_type"):
                 found = f"{node.op_type} at {node.name}"
         if "m_type" in local:
             found = f"module type {local['m_type']}"
+        path = frame.f_code.co_filename
+        if "/torchvision/" in path or "/nni/" in path:
+            package = "torchvision" if "/torchvision/" in path else "nni"
+            where = path.rpartition(f"/{package}/")[2]
+            innermost = f"{frame.f_code.co_name} in {package}/{where}:{tb.tb_lineno}"
         tb = tb.tb_next
-    return found
+    return found or innermost
 
 
 # ---------------------------------------------------------------------------------------------

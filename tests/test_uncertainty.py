@@ -93,3 +93,9 @@ def test_convergence_rule():
     assert verdict.converged and verdict.late_gain == pytest.approx(0.005)
     short = check_convergence(rising[:2], window=3, tolerance=0.01)
     assert not short.converged and "2 epoch(s)" in short.reason
+
+
+def test_mcnemar_on_a_large_test_set_does_not_overflow():
+    # 2.0 ** 1100 overflows a float: a 10,000-image test set reaches that many discordant images.
+    assert mcnemar_exact(600, 500) == pytest.approx(0.0028195, rel=1e-4)  # scipy's binomtest
+    assert 0.0 < mcnemar_exact(3000, 1000) < 1e-200
