@@ -164,6 +164,15 @@ def run(args: argparse.Namespace, forms: dict[str, MeasureSettings]) -> list[Row
     )
     print(header(list(forms)), flush=True)
     targets = devices(args.devices)
+    if "onnxruntime" in forms and any(device.type == "cuda" for device in targets):
+        import onnxruntime
+
+        if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+            print(
+                "# onnxruntime has no CUDA provider here (install onnxruntime-gpu): its cuda "
+                "rows are timings of the CPU provider",
+                flush=True,
+            )
     rows: list[Row] = []
     for size in args.sizes:
         shape = common.input_shape(size)

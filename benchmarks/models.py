@@ -32,6 +32,7 @@ import subprocess
 import sys
 import time
 import traceback
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,6 +44,9 @@ DEFAULT_SIZE = 64
 # 7x7 windows at every stage; ViT-H/14's patches must tile the image.
 SIZES = {"inception_v3": 96, "maxvit_t": 224, "vit_h_14": 56}
 LATENCY_REPEATS = 40
+# Set for workers that run side by side (--jobs > 1): their timings would measure each other, so
+# the driver times every passing model afterwards, alone.
+LATER_LATENCY = "MODELS_BENCHMARK_LATER_LATENCY"
 LATENCY_ROUNDS = 4
 
 
@@ -124,9 +128,10 @@ def run_model(name: str, pruners: list[str], size: int, results: Path) -> list[d
                     None,
                 )
                 continue
-            started_latency = time.perf_counter()
-            record["latency"] = _latency_ratio(model, pruned_models[record["pruner"]], shape)
-            record["seconds"] += round(time.perf_counter() - started_latency, 1)
+            if not os.environ.get(LATER_LATENCY):
+                started_latency = time.perf_counter()
+                record["latency"] = _latency_ratio(model, pruned_models[record["pruner"]], shape)
+                record["seconds"] += round(time.perf_counter() - started_latency, 1)
             record["status"], record["step"] = "pass", None
     for record in records:
         record["seconds"] = round(record["seconds"], 1)
@@ -308,35 +313,69 @@ def run_all(args: argparse.Namespace) -> list[dict]:
             sys.exit(f"--models: {', '.join(unknown)} not in torchvision {torchvision.__version__}")
         names = [name for name in names if name in wanted]
     pruners = args.pruners.split(",")
-    records = []
-    for name in names:
-        size = SIZES.get(name, DEFAULT_SIZE)
-        files = {p: args.results / f"{name}-{p}" / "result.json" for p in pruners}
-        kept = {}
-        for pruner, file in files.items():
-            if file.is_file() and not args.fresh:
-                previous = json.loads(file.read_text())
-                if not (args.redo_failed and previous["status"] == "fail"):
-                    kept[pruner] = previous
-        todo = [p for p in pruners if p not in kept]
-        records += kept.values()
-        if not todo:
-            continue
-        params = _param_count(name, size)
-        if params > args.max_params:
-            new = [
-                {"model": name, "pruner": p, "size": size, "params": params, "status": "skipped"}
-                | {"error": f"{params / 1e6:.0f} M parameters > --max-params"}
-                for p in todo
-            ]
-        else:
-            new = _in_subprocess(name, todo, size, args.results, args.timeout)
-        for record in new:
-            files[record["pruner"]].parent.mkdir(parents=True, exist_ok=True)
-            files[record["pruner"]].write_text(json.dumps(record, indent=2))
-            records.append(record)
-            print(_progress_line(record), flush=True)
+    records: list[dict] = []
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        for found in pool.map(lambda name: _model_rows(name, pruners, args), names):
+            records += found
+    if args.jobs > 1:
+        time_alone(records, args.results)
     return records
+
+
+def _model_rows(name: str, pruners: list[str], args: argparse.Namespace) -> list[dict]:
+    """The model's recorded rows, running its worker for those not recorded yet."""
+    records: list[dict] = []
+    size = SIZES.get(name, DEFAULT_SIZE)
+    files = {p: args.results / f"{name}-{p}" / "result.json" for p in pruners}
+    kept = {}
+    for pruner, file in files.items():
+        if file.is_file() and not args.fresh:
+            previous = json.loads(file.read_text())
+            if not (args.redo_failed and previous["status"] == "fail"):
+                kept[pruner] = previous
+    todo = [p for p in pruners if p not in kept]
+    records += kept.values()
+    if not todo:
+        return records
+    params = _param_count(name, size)
+    if params > args.max_params:
+        new = [
+            {"model": name, "pruner": p, "size": size, "params": params, "status": "skipped"}
+            | {"error": f"{params / 1e6:.0f} M parameters > --max-params"}
+            for p in todo
+        ]
+    else:
+        new = _in_subprocess(name, todo, size, args.results, args.timeout, args.jobs)
+    for record in new:
+        files[record["pruner"]].parent.mkdir(parents=True, exist_ok=True)
+        files[record["pruner"]].write_text(json.dumps(record, indent=2))
+        records.append(record)
+        print(_progress_line(record), flush=True)
+    return records
+
+
+def time_alone(records: list[dict], results: Path) -> None:
+    """The latency of every passing model that has none yet, one model at a time in this
+    process: the unpruned model built again (same builder, same seed) against the saved pruned
+    one, read back with load_pruned."""
+    import _common as common
+
+    from pipeline.export import build_from_config, load_pruned
+
+    for record in records:
+        if record["status"] != "pass" or "latency" in record:
+            continue
+        size, name = record["size"], record["model"]
+        common.seed_everything()
+        baseline = build_from_config(model_config(name, size)).eval()
+        folder = results / f"{name}-{record['pruner']}"
+        pruned = load_pruned(folder / "pruned_model")
+        started = time.perf_counter()
+        record["latency"] = _latency_ratio(baseline, pruned, (3, size, size))
+        record["seconds"] = round(record["seconds"] + time.perf_counter() - started, 1)
+        (folder / "result.json").write_text(json.dumps(record, indent=2))
+        print(_progress_line(record), flush=True)
+        del baseline, pruned
 
 
 def _param_count(name: str, size: int) -> int:
@@ -351,7 +390,7 @@ def _param_count(name: str, size: int) -> int:
 
 
 def _in_subprocess(
-    name: str, pruners: list[str], size: int, results: Path, timeout: float
+    name: str, pruners: list[str], size: int, results: Path, timeout: float, jobs: int = 1
 ) -> list[dict]:
     """run_model in a process of its own: a crash or a hang costs one model's rows."""
     output = results / f"{name}.worker.json"
@@ -367,7 +406,11 @@ def _in_subprocess(
     ]
     started = time.perf_counter()
     try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+        env = dict(os.environ)
+        if jobs > 1:
+            threads = str(max(1, (os.cpu_count() or 1) // jobs))
+            env |= {LATER_LATENCY: "1", "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
         if done.returncode == 0 and output.is_file():
             return json.loads(output.read_text())
         lines = [line for line in (done.stderr or "").strip().splitlines() if line.strip()]
@@ -388,7 +431,8 @@ def _progress_line(record: dict) -> str:
             f"{record['model']:<22} {record['pruner']:<9} pass  params "
             f"{record['pruned_params'] / record['params']:.3f}  MACs "
             f"{record['pruned_macs'] / record['macs']:.3f}  latency "
-            f"{record['latency']['ratio']:.3f}  {record['seconds']:.0f} s"
+            + (f"{record['latency']['ratio']:.3f}" if "latency" in record else "later")
+            + f"  {record['seconds']:.0f} s"
         )
     where = record.get("step", "")
     status = f"{record['model']:<22} {record['pruner']:<9} {record['status']:<5}"
@@ -467,12 +511,14 @@ def _cells(record: dict | None) -> list[str]:
     if record["status"] != "pass":
         label = "skipped" if record["status"] == "skipped" else f"fail: {record.get('step')}"
         return [label, "", "", "", f"{record.get('seconds', 0):.0f}" if "seconds" in record else ""]
-    latency = record["latency"]
+    latency = record.get("latency")
     return [
         "pass",
         f"{record['pruned_params'] / record['params']:.3f}",
         f"{record['pruned_macs'] / record['macs']:.3f}",
-        f"{latency['ratio']:.2f} [{latency['ci_low']:.2f}, {latency['ci_high']:.2f}]",
+        f"{latency['ratio']:.2f} [{latency['ci_low']:.2f}, {latency['ci_high']:.2f}]"
+        if latency
+        else "not measured",
         f"{record['seconds']:.0f}",
     ]
 
@@ -492,6 +538,13 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=ROOT / "docs" / "models.md")
     parser.add_argument("--fresh", action="store_true", help="redo rows already recorded")
     parser.add_argument("--redo-failed", action="store_true", help="redo the rows that failed")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="models pruned side by side (each with cores/jobs threads); their latencies are "
+        "then measured one model at a time",
+    )
     parser.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:

@@ -197,3 +197,14 @@ def test_convnext_prunes_speeds_up_and_reloads(tiny, tmp_path):
     config = {"_target_": "pipeline.models.torchvision_classifier", "name": "convnext_tiny"}
     folder = save_pruned(small, config | {"num_classes": 10, "weights": "none"}, tmp_path / "m")
     _assert_reloads(folder)
+
+
+def test_imagenet_weights_that_cannot_be_fetched_are_one_clear_line(monkeypatch):
+    import torchvision
+
+    def offline(self, *args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", offline)
+    with pytest.raises(WeightsUnavailableError, match=r"ResNet18_Weights\.IMAGENET1K_V1 .*hub"):
+        torchvision_classifier("resnet18", num_classes=10, weights="imagenet")

@@ -242,3 +242,12 @@ def test_cuda_run_logs_gpu_utilisation_and_memory_series(tiny_config, tmp_path):
         assert len(client.get_metric_history(run.info.run_id, series)) > 1, series
     assert run.data.metrics["stage.finetune.torch_cuda_peak_mb"] > 0
     assert run.data.metrics["stage.finetune.peak_gpu_memory_mb"] > 0
+
+
+def test_logged_params_hold_choices_as_typed_not_enum_names():
+    from pipeline.config import compose
+    from pipeline.tracking import _resolved_or_raw, flatten
+
+    params = flatten(_resolved_or_raw(compose(["device=cpu", "pruner.mode=normal"])))
+    assert (params["device"], params["pruner.mode"]) == ("cpu", "normal")
+    assert params["measure.runtime"] == "eager"

@@ -37,20 +37,11 @@ def mobilenet_v2(
     weights: "none", "imagenet" (torchvision's IMAGENET1K_V1 feature extractor) or a checkpoint
     path holding the whole model's state dict.
     """
-    from torchvision.models import MobileNet_V2_Weights
     from torchvision.models import mobilenet_v2 as tv_mobilenet_v2
 
     model = tv_mobilenet_v2(weights=None)
     if weights == "imagenet":
-        try:
-            state = MobileNet_V2_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
-        except Exception as error:  # network, hub cache or checksum failures all end the same way
-            raise WeightsUnavailableError(
-                f"model.weights=imagenet: torchvision's MobileNet_V2 weights could not be loaded "
-                f"({type(error).__name__}: {error}); put them in the torch hub cache "
-                f"({torch.hub.get_dir()}/checkpoints) or pass a checkpoint path"
-            ) from None
-        model.load_state_dict(state)
+        model.load_state_dict(torchvision_weights("mobilenet_v2", "IMAGENET1K_V1"))
     model.classifier = classifier_head(model.last_channel, head, num_classes, dropout)
     if weights not in ("none", "imagenet"):
         model.load_state_dict(load_state_dict(weights, key="model.weights"))
@@ -151,7 +142,7 @@ def torchvision_classifier(
             options.setdefault("transform_input", True)
     model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **options)
     if weights == "imagenet":
-        state = _torchvision_weights(name)
+        state = torchvision_weights(name)
         state = {
             key: tensor
             for key, tensor in state.items()
@@ -241,17 +232,20 @@ def prunable_cnblock() -> type[nn.Module]:
     return PrunableCNBlock
 
 
-def _torchvision_weights(name: str) -> dict[str, torch.Tensor]:
+def torchvision_weights(name: str, which: str = "DEFAULT") -> dict[str, torch.Tensor]:
+    """The state dict of builder `name`'s weights `which`, through torchvision's weights API
+    (the torch hub cache, else a download); one WeightsUnavailableError line when it fails."""
     import torchvision
 
-    enum = torchvision.models.get_model_weights(name)
+    weights = getattr(torchvision.models.get_model_weights(name), which)
     try:
-        return enum.DEFAULT.get_state_dict(progress=False)
+        return weights.get_state_dict(progress=False)
     except Exception as error:  # network, hub cache or checksum failures all end the same way
+        reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else ""
         raise WeightsUnavailableError(
-            f"model.weights=imagenet: torchvision's {enum.DEFAULT} weights could not be "
-            f"loaded ({type(error).__name__}: {str(error).splitlines()[0][:160]}); put them in "
-            f"the torch hub cache ({torch.hub.get_dir()}/checkpoints) or pass a checkpoint path"
+            f"model.weights=imagenet: torchvision's {weights} weights could not be loaded "
+            f"({type(error).__name__}: {reason}); put them in the torch hub cache "
+            f"({torch.hub.get_dir()}/checkpoints) or pass a checkpoint path"
         ) from None
 
 

@@ -127,9 +127,9 @@ def _resolved_or_raw(cfg: DictConfig) -> dict:
     """The resolved config; a config that cannot be resolved (the run is about to fail on it)
     is logged as written, so the FAILED run still shows what was asked for."""
     try:
-        return OmegaConf.to_container(cfg, resolve=True)
+        return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     except Exception:
-        return OmegaConf.to_container(cfg, resolve=False)
+        return OmegaConf.to_container(cfg, resolve=False, enum_to_str=True)
 
 
 def process_tags() -> dict[str, str]:
