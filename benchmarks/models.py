@@ -30,6 +30,7 @@ import os
 import platform
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
@@ -47,6 +48,7 @@ LATENCY_REPEATS = 40
 # Set for workers that run side by side (--jobs > 1): their timings would measure each other, so
 # the driver times every passing model afterwards, alone.
 LATER_LATENCY = "MODELS_BENCHMARK_LATER_LATENCY"
+META_LOCK = threading.Lock()
 LATENCY_ROUNDS = 4
 
 
@@ -384,7 +386,8 @@ def _param_count(name: str, size: int) -> int:
 
     from pipeline.export import build_from_config
 
-    with torch.device("meta"):
+    # torch.device("meta") acts on every thread of the process: one model at a time.
+    with META_LOCK, torch.device("meta"):
         model = build_from_config(model_config(name, size))
     return sum(p.numel() for p in model.parameters())
 

@@ -141,6 +141,12 @@ ROWS = [
     ),
     Rejected("pruner-confidence-too-small", lambda s: ["pruner.confidence=1"], "pruner.confidence"),
     Rejected("pruner-key-misspelt", lambda s: ["pruner.lrr=0.1"], "pruner.lrr"),
+    # issue 12: a budget replaces the sparsity
+    Rejected(
+        "budget-and-sparsity",
+        lambda s: ["budget.macs=0.5", "sparsity=0.3"],
+        "budget.macs",
+    ),
     # issue 13: any torchvision classifier
     Rejected(
         "torchvision-builder-unknown",

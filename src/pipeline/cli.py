@@ -43,7 +43,11 @@ def job(cfg: DictConfig) -> float | list[float] | None:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     log_file = run_dir / f"{hydra_cfg.job.name}.log"
-    run_name = f"{hydra_cfg.runtime.choices.get('pruner')} sparsity={cfg.get('sparsity')}"
+    budgets = [
+        f"budget.{k}={v}" for k, v in (cfg.get("budget") or {}).items() if k != "tolerance" and v
+    ]
+    target = budgets[0] if budgets else f"sparsity={cfg.get('sparsity')}"
+    run_name = f"{hydra_cfg.runtime.choices.get('pruner')} {target}"
     sweeping = hydra_cfg.mode == RunMode.MULTIRUN
     done = _finished_before(cfg)
     if done is not None:

@@ -136,6 +136,10 @@ def _number(value: Any) -> bool:
 
 RANGES = [
     ("sparsity", lambda v: _number(v) and 0 < v < 1, "a number in (0, 1)"),
+    ("budget.macs", lambda v: v is None or 0 < v < 1, "null or a ratio in (0, 1)"),
+    ("budget.params", lambda v: v is None or 0 < v < 1, "null or a ratio in (0, 1)"),
+    ("budget.latency", lambda v: v is None or 0 < v < 1, "null or a ratio in (0, 1)"),
+    ("budget.tolerance", lambda v: 0 < v < 0.5, "a number in (0, 0.5)"),
     ("pruner.confidence", lambda v: v > 1, "an integer > 1"),
     ("pruner.training_steps", lambda v: v >= 1, "an integer >= 1"),
     ("pruner.batch_size", lambda v: v >= 1, "an integer >= 1"),
@@ -182,6 +186,7 @@ def settings_from(cfg: DictConfig) -> RunSettings:
             shown = value if isinstance(value, (int, float, str)) else "<given value>"
             raise ConfigError(f"{key}={shown!r} is not allowed; allowed values: {allowed}")
     check_config_list(OmegaConf.to_container(typed.pruner).get("config_list"))
+    asked_budget(typed.budget)
     for key in TARGETS:
         found = check_target(key, OmegaConf.select(typed, key))
         node = key.rpartition(".")[0]
@@ -382,6 +387,8 @@ def check_command_line(args: list[str]) -> list[ConfigError]:
     errors, servers = [], set()
     jobs = job_overrides(args)
     for overrides in jobs:
+        check_budget_or_sparsity(overrides)
+    for overrides in jobs:
         try:
             settings = settings_from(compose(overrides))
             check_inputs(settings)
@@ -395,6 +402,35 @@ def check_command_line(args: list[str]) -> list[ConfigError]:
     if len(errors) == len(jobs):
         raise errors[0]
     return errors
+
+
+BUDGET_KINDS = ("macs", "params", "latency")
+
+
+def asked_budget(budget: Any) -> tuple[str, float] | None:
+    """The cost target the settings ask for, (kind, ratio), or None; two at once are refused."""
+    given = [(kind, getattr(budget, kind)) for kind in BUDGET_KINDS if getattr(budget, kind)]
+    if len(given) > 1:
+        keys = " and ".join(f"budget.{kind}={value}" for kind, value in given)
+        raise ConfigError(
+            f"{keys}: one budget at a time; allowed: one of budget.{{{','.join(BUDGET_KINDS)}}}"
+        )
+    return given[0] if given else None
+
+
+def check_budget_or_sparsity(overrides: list[str]) -> None:
+    """A budget replaces the sparsity: a command line that names both is refused."""
+    given = dict(override.lstrip("+").partition("=")[::2] for override in overrides)
+    budgets = [
+        f"{key}={value}"
+        for key, value in given.items()
+        if key.startswith("budget.") and key != "budget.tolerance" and value not in ("null", "")
+    ]
+    if budgets and "sparsity" in given:
+        raise ConfigError(
+            f"{budgets[0]} replaces sparsity, and sparsity={given['sparsity']} is given too; "
+            f"allowed: a budget or a sparsity, not both"
+        )
 
 
 def tracking_store(settings: RunSettings) -> tuple[str, str]:

@@ -24,6 +24,8 @@ from pipeline.plots import resource_usage, training_curves
 from pipeline.report import summary_table
 from pipeline.schema import RunSettings
 from pipeline.stages.baseline import baseline
+from pipeline.stages.budget import achieved as budget_achieved
+from pipeline.stages.budget import sparsity_for_budget
 from pipeline.stages.finetune import finetune
 from pipeline.stages.iterative import prune_in_steps
 from pipeline.stages.measure import measure, quality
@@ -154,6 +156,12 @@ def run(settings: RunSettings, run_dir: Path, tracker: Tracker | None = None) ->
     if settings.measure.onnx:
         export_onnx(tuned.model, splits.input_shape, model_dir / "model.onnx")
 
+    if pruning["budget"] is not None:
+        kind = pruning["budget"]["kind"]
+        final = budget_achieved(
+            kind, measurements["baseline"], measurements["pruned"], measurements["latency_ratio"]
+        )
+        pruning["budget"] |= {"final": final, "met": final <= pruning["budget"]["target"]}
     record = measurements | {
         "stages": monitor.stage_seconds,
         "resources": monitor.stage_summaries,
@@ -184,6 +192,21 @@ def prune_stages(
     """Stages 2 and 3 (in pruner.iterations steps), each step's size and validation accuracy
     logged; returns the physically smaller model and a summary for measurements.json."""
     steps = []
+    with monitor.stage("prune"):
+        search = sparsity_for_budget(
+            model, inputs, settings.pruner, settings.budget, settings.measure
+        )
+    sparsity = settings.sparsity if search is None else search.sparsity
+    if search is not None:
+        log.info(
+            "budget.%s=%s: sparsity %.4f (%s ratio %.4f, %d prunings)",
+            search.kind,
+            search.target,
+            sparsity,
+            search.kind,
+            search.achieved,
+            len(search.evaluations),
+        )
 
     def after_step(index: int, current: torch.nn.Module) -> None:
         val = evaluate(current, inputs.loaders.val, inputs.criterion, inputs.device, "val")
@@ -199,7 +222,7 @@ def prune_stages(
         model,
         inputs,
         settings.pruner,
-        settings.sparsity,
+        sparsity,
         stage=monitor.stage,
         on_step=after_step,
     )
@@ -209,6 +232,8 @@ def prune_stages(
         "device": inputs.device.type,
         "iterations": settings.pruner.iterations,
         "steps": steps,
+        "sparsity": sparsity,
+        "budget": None if search is None else search.as_dict(),
     }
     return result.model, summary
 
@@ -226,6 +251,10 @@ def write_outcome(tracker: Tracker, record: dict, monitor: StageMonitor, run_dir
 
     metrics = {f"reduction.{key}_pct": value for key, value in record["reduction_pct"].items()}
     metrics["accuracy_drop_points"] = record["accuracy_drop_points"]
+    metrics["sparsity"] = record["pruning"]["sparsity"]
+    budget = record["pruning"]["budget"]
+    if budget is not None:
+        metrics |= {"budget.target": budget["target"], "budget.achieved": budget["final"]}
     change, ratio = record["accuracy_change"], record["latency_ratio"]
     metrics |= {
         "accuracy_change_points": change["points"],

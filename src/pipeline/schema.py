@@ -173,6 +173,16 @@ class SearchSettings:
 
 
 @dataclass
+class BudgetSettings:
+    """A cost target instead of a sparsity (pipeline.stages.budget): a ratio of the baseline's."""
+
+    macs: float | None = MISSING
+    params: float | None = MISSING
+    latency: float | None = MISSING  # measured on the run's device, in measure's inference form
+    tolerance: float = MISSING  # MACs and params land in [target - tolerance, target]
+
+
+@dataclass
 class RunSettings:
     # Builders differ in their arguments: free-form `_target_` nodes.
     model: Any = MISSING
@@ -185,6 +195,7 @@ class RunSettings:
     tracking: TrackingSettings = field(default_factory=TrackingSettings)
     paths: PathSettings = field(default_factory=PathSettings)
     search: SearchSettings = field(default_factory=SearchSettings)
+    budget: BudgetSettings = field(default_factory=BudgetSettings)
     seed: int = MISSING
     sparsity: float = MISSING
     device: DeviceChoice = MISSING

@@ -111,6 +111,9 @@ def sparsity_text(record: dict) -> str:
     config = record.get("config", {})
     if config.get("pruner", {}).get("config_list"):
         return "config list"
+    budget = (record.get("pruning") or {}).get("budget")
+    if budget is not None:  # the sparsity the run found for it
+        return f"{budget['sparsity']:.3g} ({budget['kind']} {budget['target']:g})"
     sparsity = config.get("sparsity")
     return f"{sparsity:g}" if isinstance(sparsity, (int, float)) else "?"
 

@@ -34,6 +34,14 @@ def notes(record: dict) -> list[str]:
             "warning: the baseline had not converged (" + convergence["reason"] + "): the "
             "accuracy change may include extra training, not only the effect of pruning"
         )
+    budget = (record.get("pruning") or {}).get("budget")
+    if budget is not None:
+        verdict = "met" if budget["met"] else "NOT met"
+        lines.append(
+            f"budget: {budget['kind']} at most {budget['target']} of the baseline's, {verdict}: "
+            f"{budget['final']:.3f} (sparsity {budget['sparsity']:.4f}, found in "
+            f"{len(budget['evaluations'])} prunings)"
+        )
     change = record["accuracy_change"]
     lines.append(
         f"accuracy change: paired over {change['images']} test images, 95 % bootstrap interval; "

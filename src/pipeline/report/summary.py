@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from pipeline.files import atomic_path  # noqa: E402
 from pipeline.jobs import JobOutcome, swept  # noqa: E402
-from pipeline.report.compare import pareto_front  # noqa: E402
+from pipeline.report.compare import pareto_front, sparsity_text  # noqa: E402
 
 SUMMARY_FILE = "summary.md"
 PARETO_FILE = "summary_pareto.png"
@@ -86,7 +86,7 @@ def summary_rows(outcomes: list[JobOutcome]) -> list[list[str]]:
                 outcome.number,
                 overrides,
                 pruner,
-                f"{float(config['sparsity']):.4g}",
+                sparsity_text(record),
                 accuracy,
                 _change(record),
                 params,

@@ -1,0 +1,130 @@
+"""Pruning to a budget: the sparsity whose pruned model lands on a cost target (budget.macs,
+budget.params or budget.latency, a ratio of the baseline's) instead of a sparsity given.
+
+The cost of the pruned model falls as the sparsity rises, in steps (channel counts are whole
+numbers, rounded to pruner.round_to). Bisection over the sparsity finds the smallest one whose
+model costs at most the target; the run then prunes at that sparsity as it would at a given one.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from pipeline.config import asked_budget
+from pipeline.data import StageInputs
+from pipeline.errors import ConfigError
+from pipeline.model_stats import count_macs, count_params
+from pipeline.schema import BudgetSettings, MeasureSettings, PrunerSettings
+from pipeline.stages.iterative import prune_in_steps
+
+log = logging.getLogger(__name__)
+
+# Above this the activation pruners leave too few channels to rank (and NNI refuses 1.0).
+MAX_SPARSITY = 0.95
+# Halvings of the sparsity interval: 0.95 / 2**10 < 0.001, far below one rounded channel.
+MAX_EVALUATIONS = 10
+
+
+@dataclass
+class BudgetSearch:
+    kind: str  # macs | params | latency
+    target: float  # the ratio asked for
+    tolerance: float
+    sparsity: float  # the smallest sparsity found whose model meets the target
+    achieved: float  # that model's ratio, as the search measured it
+    evaluations: list[dict] = field(default_factory=list)  # {sparsity, ratio}, in order
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def bisect(
+    ratio_at: Callable[[float], float], target: float, tolerance: float, key: str
+) -> tuple[float, float, list[dict]]:
+    """The smallest sparsity in (0, MAX_SPARSITY] whose ratio is at most `target` (to within the
+    step of the search), its ratio, and every evaluation; stops early once a sparsity lands in
+    [target - tolerance / 2, target]."""
+    evaluations: list[dict] = []
+
+    def evaluate(sparsity: float) -> float:
+        ratio = ratio_at(sparsity)
+        evaluations.append({"sparsity": sparsity, "ratio": ratio})
+        log.info("budget search: sparsity %.4f -> %s ratio %.4f", sparsity, key, ratio)
+        return ratio
+
+    best = (MAX_SPARSITY, evaluate(MAX_SPARSITY))
+    if best[1] > target:
+        raise ConfigError(
+            f"{key}={target} cannot be reached: at sparsity {MAX_SPARSITY} the pruned model "
+            f"keeps {best[1]:.3f} of the baseline's; allowed values: above {best[1]:.3f}"
+        )
+    low, high = 0.0, MAX_SPARSITY
+    for _ in range(MAX_EVALUATIONS):
+        if target - best[1] <= tolerance / 2:
+            break
+        middle = (low + high) / 2
+        ratio = evaluate(middle)
+        if ratio <= target:
+            high, best = middle, (middle, ratio)
+        else:
+            low = middle
+    return best[0], best[1], evaluations
+
+
+def sparsity_for_budget(
+    model: nn.Module,
+    inputs: StageInputs,
+    pruner: PrunerSettings,
+    budget: BudgetSettings,
+    measure: MeasureSettings,
+) -> BudgetSearch | None:
+    """Bisection over the sparsity with the pipeline's own pruning (pruner.iterations steps,
+    the same rounding) on copies of `model`. The counts of channels each step keeps follow from
+    the config list, not from which channels rank lowest, so the search ranks on one batch and
+    skips the BatchNorm re-estimation: MACs and params come out as the full pruning's. A latency
+    budget times each candidate against the baseline as the measure stage does, with a quarter
+    of measure.repeats."""
+    found = asked_budget(budget)
+    if found is None:
+        return None
+    kind, target = found
+    cheap = dataclasses.replace(pruner, training_steps=1, recalibration_batches=0)
+    shape = inputs.input_shape
+    base_cost = _cost(model, kind, shape)
+
+    def ratio_at(sparsity: float) -> float:
+        pruned = prune_in_steps(copy.deepcopy(model), inputs, cheap, sparsity).model
+        if kind == "latency":
+            return _latency_ratio(model, pruned, inputs, measure)
+        return _cost(pruned, kind, shape) / base_cost
+
+    sparsity, achieved, evaluations = bisect(ratio_at, target, budget.tolerance, f"budget.{kind}")
+    return BudgetSearch(kind, target, budget.tolerance, sparsity, achieved, evaluations)
+
+
+def _cost(model: nn.Module, kind: str, shape: tuple[int, ...]) -> float:
+    return float(count_macs(model, shape) if kind == "macs" else count_params(model))
+
+
+def _latency_ratio(
+    baseline: nn.Module, pruned: nn.Module, inputs: StageInputs, measure: MeasureSettings
+) -> float:
+    from pipeline.stages.measure import timed_pair
+    from pipeline.uncertainty import latency_ratio
+
+    repeats = max(measure.rounds, measure.repeats // 4)
+    pair = timed_pair(baseline, pruned, inputs.input_shape, inputs.device, measure, 1, repeats)
+    return latency_ratio(pair.baseline_rounds, pair.pruned_rounds)["ratio"]
+
+
+def achieved(kind: str, baseline: dict, pruned: dict, latency: dict) -> float:
+    """The final model's ratio for the budget's kind, from the measure stage's figures."""
+    if kind == "latency":
+        return latency["ratio"]
+    return pruned[kind] / baseline[kind]

@@ -1,0 +1,59 @@
+"""Pruning to a budget (budget.macs / budget.params / budget.latency) instead of a sparsity."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.config import check_command_line, compose, settings_from
+from pipeline.errors import ConfigError
+from pipeline.run import run
+from pipeline.stages.budget import MAX_SPARSITY, bisect
+
+
+def stepped_cost(sparsity: float) -> float:
+    """Like a real model's MACs ratio: falling with the sparsity, in steps of whole channels."""
+    kept = 1.0 - sparsity
+    return round(kept**1.6 * 64) / 64
+
+
+@pytest.mark.parametrize("target", [0.7, 0.5, 0.35, 0.25])
+def test_bisection_lands_at_or_below_the_target_within_the_tolerance(target):
+    sparsity, ratio, evaluations = bisect(stepped_cost, target, 0.02, "budget.macs")
+    assert target - 0.02 <= ratio <= target
+    assert ratio == stepped_cost(sparsity)
+    # The smallest such sparsity, to the search's resolution: a little less misses the target.
+    assert stepped_cost(sparsity - 0.01) > target - 0.02
+    assert len(evaluations) <= 11
+
+
+def test_a_target_below_the_most_pruned_model_is_refused():
+    with pytest.raises(ConfigError, match=r"budget.macs=0.01 cannot be reached"):
+        bisect(lambda s: 0.2 + 0.8 * (1 - s), 0.01, 0.02, "budget.macs")
+    assert MAX_SPARSITY < 1
+
+
+def test_budget_and_sparsity_on_one_command_line_are_refused():
+    with pytest.raises(ConfigError, match=r"^budget.macs=0.5 replaces sparsity"):
+        check_command_line(["budget.macs=0.5", "sparsity=0.3"])
+
+
+def test_two_budgets_at_once_are_refused():
+    with pytest.raises(ConfigError, match=r"one budget at a time"):
+        settings_from(compose(["budget.macs=0.5", "budget.params=0.3"]))
+
+
+@pytest.mark.parametrize("value", ["0", "1.5", "-0.2"])
+def test_budget_out_of_range_is_refused(value):
+    with pytest.raises(ConfigError, match=r"^budget.params=.* is not allowed"):
+        settings_from(compose([f"budget.params={value}"]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("kind", "target"), [("macs", 0.5), ("params", 0.3)])
+def test_a_run_lands_on_its_budget(tiny, tmp_path, kind, target):
+    record = run(tiny(f"budget.{kind}={target}", "tracking=none"), tmp_path / "run")
+    budget = record["pruning"]["budget"]
+    reached = record["pruned"][kind] / record["baseline"][kind]
+    assert budget["final"] == pytest.approx(reached)
+    assert target - 0.02 <= reached <= target
+    assert budget["met"] and record["pruning"]["sparsity"] == budget["sparsity"]
