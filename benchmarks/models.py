@@ -386,9 +386,14 @@ def _param_count(name: str, size: int) -> int:
 
     from pipeline.export import build_from_config
 
-    # torch.device("meta") acts on every thread of the process: one model at a time.
-    with META_LOCK, torch.device("meta"):
-        model = build_from_config(model_config(name, size))
+    # torch.device("meta") acts on every thread of the process: one model at a time. Builders
+    # that compute their widths with tensors (RegNet) cannot run there: they are built for real.
+    with META_LOCK:
+        try:
+            with torch.device("meta"):
+                model = build_from_config(model_config(name, size))
+        except NotImplementedError:
+            model = build_from_config(model_config(name, size))
     return sum(p.numel() for p in model.parameters())
 
 

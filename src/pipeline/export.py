@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import json
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -187,7 +188,12 @@ def load_pruned(
                 if isinstance(spec.get(key), list):
                     spec[key] = tuple(spec[key])
             model.set_submodule(name, layer(**spec))
-        model.load_state_dict(load_file(directory / WEIGHTS_FILE), strict=True)
+        state = load_file(directory / WEIGHTS_FILE)
+        # Modules that version their state (torchvision's MNASNet) read the version from the
+        # state dict's metadata, which safetensors does not hold: the rebuilt model's is theirs.
+        state = OrderedDict(state)
+        state._metadata = getattr(model.state_dict(), "_metadata", None)  # type: ignore[attr-defined]
+        model.load_state_dict(state, strict=True)
     except Exception as error:
         reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
         raise WeightsUnavailableError(

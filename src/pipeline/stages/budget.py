@@ -86,15 +86,23 @@ def sparsity_for_budget(
 ) -> BudgetSearch | None:
     """Bisection over the sparsity with the pipeline's own pruning (pruner.iterations steps,
     the same rounding) on copies of `model`. The counts of channels each step keeps follow from
-    the config list, not from which channels rank lowest, so the search ranks on one batch and
-    skips the BatchNorm re-estimation: MACs and params come out as the full pruning's. A latency
+    the config list, not from which channels rank lowest (with pruner.round_to), so the search
+    ranks on one batch and skips the BatchNorm re-estimation: MACs and params come out as the
+    full pruning's. Without round_to it prunes with the full settings. A latency
     budget times each candidate against the baseline as the measure stage does, with a quarter
     of measure.repeats."""
     found = asked_budget(budget)
     if found is None:
         return None
     kind, target = found
-    cheap = dataclasses.replace(pruner, training_steps=1, recalibration_batches=0)
+    # With pruner.round_to every layer's count follows from the config list alone; without it
+    # NNI allocates one total sparsity across layers by rank, so the statistics decide the
+    # counts and the search prunes as the run will (and the run checks what it reached).
+    cheap = (
+        dataclasses.replace(pruner, training_steps=1, recalibration_batches=0)
+        if pruner.round_to
+        else pruner
+    )
     shape = inputs.input_shape
     base_cost = _cost(model, kind, shape)
 
