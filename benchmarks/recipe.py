@@ -1,33 +1,59 @@
-"""Recipe benchmark: the reference recipe against the project's default, same baseline and budget.
+"""Recipe benchmark at equal cost: every recipe pruned to the same MACs budgets, same baseline.
 
-    python benchmarks/recipe.py [--sparsities 0.15 0.5 0.7] [--train-limit 8000]
-                                [--baseline-epochs 6] [--finetune-epochs 3]
+    python benchmarks/recipe.py [hydra overrides ...] [--budgets 0.7 0.5 0.35 0.25]
+                                [--seeds 1234 1235] [--train-limit 8000]
+                                [--baseline-epochs 15] [--finetune-epochs 3]
+                                [--recipes reference default torch_pruning]
+                                [--output-root outputs/benchmarks/recipe] [--plot PNG] [--json PATH]
 
-On Fashion-MNIST (Debian's dataset-fashion-mnist), one baseline is trained (and cached), then
-pruned at each sparsity twice:
-- reference: one-shot pruning as NNI does it (pruner.iterations=1; its own channel counts,
-  pruner.round_to=null; its own activation statistics, pruner.statistics=nni; no BatchNorm
-  re-estimation) and the reference fine-tuning recipe (finetune=reference: Adam, constant rate,
-  cross-entropy);
-- default: the project's defaults (pruning in 4 steps with BatchNorm statistics re-estimated
-  after each, rounded channel counts, statistics of the real activations, Adam under a cosine
-  schedule).
-Both get the same number of fine-tuning epochs. The table gives accuracy after fine-tuning,
-the accuracy points lost against the shared baseline, and params / MACs / latency ratios; the
-summary line gives, at sparsity 0.5, the default's loss as a fraction of the reference's.
+On Fashion-MNIST (Debian's dataset-fashion-mnist) one baseline is trained and cached (with the
+first seed; dataset.seed is pinned to it, so every seed shares the baseline, the split and the
+test set, and the seed changes only the pruning statistics batches and the fine-tuning order).
+At each MACs budget B (a ratio of the baseline's MACs), for each seed:
+- reference: NNI one-shot pruning as it is (pruner.iterations=1, pruner.round_to=null,
+  pruner.statistics=nni, no BatchNorm re-estimation) and finetune=reference, with budget.macs=B
+  (the pipeline bisects the sparsity);
+- default: the project's defaults with budget.macs=B;
+- torch_pruning: Torch-Pruning 1.6.1's magnitude pruning as its README recommends
+  (tp.pruner.BasePruner, tp.importance.GroupMagnitudeImportance(p=2), the final Linear ignored,
+  channels rounded to 8) in --tp-steps iterative steps, its pruning_ratio bisected until the
+  MACs ratio lands in [B - budget.tolerance, B] (unrounded where rounded counts jump across
+  that window), then the project's default fine-tuning and measurement
+  (pip install -e ".[benchmarks]");
+and once per seed a control: the baseline itself fine-tuned with the same budget, unpruned. Every
+run fine-tunes for --finetune-epochs. Each run's row is cached as JSON under --output-root, so an
+interrupted benchmark resumes where it stopped.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import hashlib
 import json
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import _common as common
+import torch
+from hydra.utils import instantiate
+from torch import nn
 
-from pipeline.run import run
+from pipeline.config import plain
+from pipeline.data import DataSplits, StageInputs, make_loaders
+from pipeline.export import build_from_config
+from pipeline.model_stats import count_macs
+from pipeline.run import baseline_cache_path, resolve_device, run, seed_everything, seed_stage
+from pipeline.schema import RunSettings
+from pipeline.stages.baseline import BaselineResult, baseline
+from pipeline.stages.budget import bisect
+from pipeline.stages.finetune import finetune
+from pipeline.stages.measure import measure, quality
 
+# Hydra overrides of each recipe the pipeline runs; torch_pruning and the control take the
+# project's defaults for everything they share with it (fine-tuning and measurement).
 RECIPES = {
     "reference": [
         "finetune=reference",
@@ -37,96 +63,530 @@ RECIPES = {
         "pruner.recalibration_batches=0",
     ],
     "default": [],
+    "torch_pruning": [],
 }
+CONTROL = "control"
+PIPELINE_RECIPES = ("reference", "default")
+# The summary's targets (the issue's): points lost by the default at MACs 0.5; the default's
+# loss as a share of the reference's at 0.35 and 0.25; the control's gain above which the
+# baseline is called not converged.
+DEFAULT_LOSS_TARGET = 0.5
+LOSS_SHARE_BUDGETS = (0.35, 0.25)
+LOSS_SHARE_TARGET = 1 / 3
+CONTROL_GAIN_LIMIT = 0.3
+TP_VERSION = "1.6.1"
+
+
+def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Hydra overrides (key=value, ~key) apart from the options, wherever they stand: after
+    `--seeds 1 2` argparse would read `max_batches=2` as a seed."""
+    overrides = [a for a in argv if not a.startswith("-") and ("=" in a or a.startswith("~"))]
+    return [a for a in argv if a not in overrides], overrides
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sparsities", type=float, nargs="+", default=[0.15, 0.5, 0.7])
+    parser.add_argument("--budgets", type=float, nargs="+", default=[0.7, 0.5, 0.35, 0.25])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1234, 1235])
+    parser.add_argument("--recipes", nargs="+", choices=list(RECIPES), default=list(RECIPES))
     parser.add_argument("--train-limit", type=int, default=8000)
-    parser.add_argument("--baseline-epochs", type=int, default=6)
+    parser.add_argument(
+        "--baseline-epochs",
+        type=int,
+        default=15,
+        help="baseline.epochs; the output says whether the baseline converged (check it)",
+    )
     parser.add_argument("--finetune-epochs", type=int, default=3)
+    parser.add_argument("--tp-steps", type=int, default=4, help="Torch-Pruning iterative_steps")
+    parser.add_argument(
+        "--tp-round-to",
+        type=int,
+        default=8,
+        help="Torch-Pruning round_to (its README's advice; 0: none); where rounded counts "
+        "cannot land within budget.tolerance of a budget, that budget is pruned unrounded",
+    )
     parser.add_argument("--output-root", type=Path, default=Path("outputs/benchmarks/recipe"))
-    parser.add_argument("--json", type=Path, default=None, help="write the raw rows here")
+    parser.add_argument("--plot", type=Path, default=None, help="default: <output-root>/...")
+    parser.add_argument("--json", type=Path, default=None, help="write rows and aggregates here")
     parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every run")
-    return parser.parse_args(argv)
+    options, overrides = split_argv(sys.argv[1:] if argv is None else list(argv))
+    args = parser.parse_args(options)
+    args.overrides = [*args.overrides, *overrides]
+    if args.plot is None:
+        args.plot = args.output_root / "recipe_pareto.png"
+    return args
 
 
-def run_one(args: argparse.Namespace, sparsity: float, recipe: str) -> dict:
-    overrides = [
+# --- settings and the cached baseline ---------------------------------------------------------
+
+
+def shared_overrides(args: argparse.Namespace) -> list[str]:
+    """What every run shares. dataset.seed is pinned to the first seed: one split, one test
+    set and (with the baseline checkpoint) one baseline for all seeds."""
+    return [
         "dataset=fashion_mnist",
         f"dataset.train_limit={args.train_limit}",
+        f"dataset.seed={args.seeds[0]}",
         f"baseline.epochs={args.baseline_epochs}",
         f"finetune.epochs={args.finetune_epochs}",
-        f"sparsity={sparsity}",
         "tracking=none",
-        "measure.repeats=20",
         f"paths.output_root={args.output_root}",
-        *RECIPES[recipe],
-        *args.overrides,
     ]
-    run_dir = args.output_root / "runs" / f"{recipe}-{sparsity:g}"
-    record = run(common.project_settings(overrides), run_dir)
-    base, pruned = record["baseline"], record["pruned"]
+
+
+def settings_for(
+    args: argparse.Namespace, seed: int, recipe: str, extra: list[str] = ()
+) -> RunSettings:
+    overrides = [*shared_overrides(args), f"seed={seed}", *RECIPES[recipe], *extra]
+    return common.project_settings([*overrides, *args.overrides])
+
+
+def run_key(args: argparse.Namespace) -> str:
+    """Everything a cached row depends on besides its recipe, budget and seed."""
+    identity = {
+        "train_limit": args.train_limit,
+        "baseline_epochs": args.baseline_epochs,
+        "finetune_epochs": args.finetune_epochs,
+        "baseline_seed": args.seeds[0],
+        "tp": [TP_VERSION, args.tp_steps, args.tp_round_to],
+        "overrides": args.overrides,
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+
+
+_SPLITS: dict[str, DataSplits] = {}
+
+
+def splits_for(settings: RunSettings) -> DataSplits:
+    """The dataset splits (identical for every run: dataset.seed is pinned), read once."""
+    key = json.dumps(plain(settings)["dataset"], sort_keys=True, default=str)
+    if key not in _SPLITS:
+        _SPLITS[key] = instantiate(settings.dataset)
+    return _SPLITS[key]
+
+
+def stage_inputs(settings: RunSettings, batch_size: int, device: torch.device) -> StageInputs:
+    """As pipeline.run builds each stage's inputs: loaders shuffled from settings.seed."""
+    splits = splits_for(settings)
+    loaders = make_loaders(
+        splits, batch_size, settings.seed, settings.num_workers, settings.max_batches
+    )
+    return StageInputs(loaders, instantiate(settings.criterion), device, splits.input_shape)
+
+
+def load_baseline(settings: RunSettings, inputs: StageInputs, cache: Path | None) -> BaselineResult:
+    model = build_from_config(settings.model, trusted=[settings.model["_target_"]])
+    return baseline(model, inputs, settings.baseline, cache)
+
+
+def ensure_baseline(args: argparse.Namespace) -> dict:
+    """Train (or find) the one baseline, with the first seed, exactly as pipeline.run would
+    (same seeding, same cache entry); every run then loads it as baseline.checkpoint."""
+    settings = settings_for(args, args.seeds[0], "default")
+    path = baseline_cache_path(settings)
+    if path is None:
+        raise SystemExit("recipe.py needs baseline.cache=true and no baseline.checkpoint")
+    info_path = path.with_suffix(".benchmark.json")
+    seed_everything(settings.seed)
+    inputs = stage_inputs(settings, settings.baseline.batch_size, resolve_device("auto"))
+    seed_stage(settings.seed, "baseline")
+    began = time.perf_counter()
+    result = load_baseline(settings, inputs, path)
+    seconds = time.perf_counter() - began
+    if result.source == "trained":
+        info_path.write_text(json.dumps({"seconds": seconds}))
+    earlier = json.loads(info_path.read_text()) if info_path.is_file() else {}
     return {
-        "sparsity": sparsity,
-        "recipe": recipe,
-        "baseline_accuracy": base["accuracy"],
-        "accuracy": pruned["accuracy"],
-        "drop_points": 100.0 * (base["accuracy"] - pruned["accuracy"]),
-        "params_ratio": pruned["params"] / base["params"],
-        "macs_ratio": pruned["macs"] / base["macs"],
-        "latency_ratio": pruned["latency_ms"]["p50"] / base["latency_ms"]["p50"],
-        "finetune_seconds": record["stages"]["finetune"]["seconds"],
+        "path": path,
+        "source": result.source,
+        "train_seconds": seconds if result.source == "trained" else earlier.get("seconds"),
+        "convergence": result.convergence.as_dict() if result.convergence else None,
     }
 
 
+# --- one row per run ---------------------------------------------------------------------------
+
+
+def row_from(measurements: dict, **fields) -> dict:
+    """The table's figures from a measure-stage result (a run record or measure()'s output)."""
+    base, pruned = measurements["baseline"], measurements["pruned"]
+    change, latency = measurements["accuracy_change"], measurements["latency_ratio"]
+    return fields | {
+        "baseline_accuracy": base["accuracy"],
+        "accuracy": pruned["accuracy"],
+        "points_lost": 100.0 * (base["accuracy"] - pruned["accuracy"]),
+        "change_points": change["points"],
+        "change_ci": [change["ci_low"], change["ci_high"]],
+        "macs_ratio": pruned["macs"] / base["macs"],
+        "params_ratio": pruned["params"] / base["params"],
+        "latency_ratio": latency["ratio"],
+        "latency_ci": [latency["ci_low"], latency["ci_high"]],
+    }
+
+
+def pipeline_row(args, recipe: str, budget: float, seed: int, checkpoint: Path, where: Path):
+    """One pipeline run with budget.macs=budget: the pipeline's own search finds the sparsity."""
+    overrides = [f"budget.macs={budget}", f"baseline.checkpoint={checkpoint}"]
+    record = run(settings_for(args, seed, recipe, overrides), where)
+    search = record["pruning"]["budget"]
+    return row_from(
+        record,
+        sparsity=record["pruning"]["sparsity"],
+        met=bool(search["met"]),
+        evaluations=len(search["evaluations"]),
+        search="pipeline",
+        finetune_seconds=record["stages"]["finetune"]["seconds"],
+    )
+
+
+def torch_pruning_model(
+    model: nn.Module, ratio: float, shape: tuple[int, ...], steps: int, round_to: int | None
+) -> nn.Module:
+    """Torch-Pruning's recommended magnitude pruning of a copy of `model`: BasePruner with
+    GroupMagnitudeImportance(p=2) (group L2 norm), every layer at `ratio` of its channels in
+    `steps` iterative steps, the classifier's final Linear left whole."""
+    import torch_pruning as tp
+
+    model = copy.deepcopy(model).cpu().eval()
+    final = [module for module in model.modules() if isinstance(module, nn.Linear)][-1]
+    pruner = tp.pruner.BasePruner(
+        model,
+        torch.randn(1, *shape),
+        importance=tp.importance.GroupMagnitudeImportance(p=2),
+        pruning_ratio=ratio,
+        iterative_steps=steps,
+        ignored_layers=[final],
+        round_to=round_to,
+    )
+    for _ in range(steps):
+        pruner.step()
+    return model
+
+
+def require_torch_pruning() -> None:
+    """Torch-Pruning is a benchmark-only dependency (the `benchmarks` extra): one clear line
+    when it is missing, a warning when it is another version than the one compared."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        found = version("torch-pruning")
+    except PackageNotFoundError:
+        raise SystemExit(
+            "the torch_pruning recipe needs Torch-Pruning: pip install -e '.[benchmarks]' "
+            f"(torch-pruning=={TP_VERSION}), or leave it out with --recipes reference default"
+        ) from None
+    if found != TP_VERSION:
+        print(f"# warning: torch-pruning {found}, not {TP_VERSION}", file=sys.stderr)
+
+
+def torch_pruning_to_budget(
+    base: nn.Module,
+    budget: float,
+    shape: tuple[int, ...],
+    tolerance: float,
+    steps: int,
+    round_to: int,
+) -> tuple[nn.Module, dict]:
+    """torch_pruning_model with its pruning_ratio bisected (pipeline.stages.budget.bisect) until
+    the MACs ratio lands in [budget - tolerance, budget]. Channels rounded to `round_to` move
+    many layers at once, so the ratio can jump across that window (MobileNetV2 at 0.25: 0.262
+    -> 0.212); the search then runs again unrounded (round_to 0: unrounded from the start)."""
+    base_macs = count_macs(base, shape)
+    count = 0
+    for rounding in dict.fromkeys([round_to or None, None]):
+
+        def ratio_at(pruning_ratio: float, rounding=rounding) -> float:
+            pruned = torch_pruning_model(base, pruning_ratio, shape, steps, rounding)
+            return count_macs(pruned, shape) / base_macs
+
+        ratio, achieved, evaluations = bisect(ratio_at, budget, tolerance, "torch_pruning MACs")
+        count += len(evaluations)
+        if achieved >= budget - tolerance:
+            break
+    model = torch_pruning_model(base, ratio, shape, steps, rounding)
+    return model, {"sparsity": ratio, "evaluations": count, "tp_round_to": rounding}
+
+
+def torch_pruning_row(args, budget: float, seed: int, checkpoint: Path) -> dict:
+    settings = settings_for(args, seed, "torch_pruning", [f"baseline.checkpoint={checkpoint}"])
+
+    def prune(base: nn.Module, inputs: StageInputs) -> tuple[nn.Module, dict]:
+        tolerance = settings.budget.tolerance
+        steps, round_to = args.tp_steps, args.tp_round_to
+        return torch_pruning_to_budget(base, budget, inputs.input_shape, tolerance, steps, round_to)
+
+    measurements, extra = finetuned_and_measured(settings, prune)
+    extra["met"] = measurements["pruned"]["macs"] / measurements["baseline"]["macs"] <= budget
+    return row_from(measurements, **extra, search="benchmark")
+
+
+def control_row(args, seed: int, checkpoint: Path) -> dict:
+    settings = settings_for(args, seed, "default", [f"baseline.checkpoint={checkpoint}"])
+
+    def unpruned(base: nn.Module, inputs: StageInputs) -> tuple[nn.Module, dict]:
+        return copy.deepcopy(base), {"sparsity": 0.0, "evaluations": 0}
+
+    measurements, extra = finetuned_and_measured(settings, unpruned)
+    return row_from(measurements, **extra, met=True, search="none")
+
+
+def finetuned_and_measured(settings: RunSettings, prune) -> tuple[dict, dict]:
+    """pipeline.run's flow with `prune(baseline, inputs) -> (model, info)` as stages 2-3:
+    the same seeding per stage, the same fine-tuning and the same paired measurement."""
+    seed_everything(settings.seed)
+    device = resolve_device(settings.device.value)
+    baseline_inputs = stage_inputs(settings, settings.baseline.batch_size, device)
+    finetune_inputs = stage_inputs(settings, settings.finetune.batch_size, device)
+    test_loader = finetune_inputs.loaders.test
+    seed_stage(settings.seed, "baseline")
+    base = load_baseline(settings, baseline_inputs, None).model
+    baseline_quality = quality(base, test_loader, baseline_inputs)
+    seed_stage(settings.seed, "prune")
+    cpu_inputs = stage_inputs(settings, settings.pruner.batch_size, torch.device("cpu"))
+    model, extra = prune(base, cpu_inputs)
+    seed_stage(settings.seed, "finetune")
+    began = time.perf_counter()
+    tuned = finetune(model.to(device), finetune_inputs, settings.finetune, teacher=base)
+    extra["finetune_seconds"] = time.perf_counter() - began
+    seed_stage(settings.seed, "measure")
+    measurements = measure(
+        base,
+        baseline_quality,
+        tuned.model,
+        test_loader,
+        finetune_inputs,
+        settings.measure,
+        seed=settings.seed,
+    )
+    return measurements, extra
+
+
+def cached_row(path: Path, compute) -> dict:
+    """The row stored at `path`, or computed now and stored (an interrupted benchmark resumes)."""
+    if path.is_file():
+        return json.loads(path.read_text())
+    row = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_suffix(".tmp")
+    staging.write_text(json.dumps(row, indent=2))
+    staging.replace(path)
+    return row
+
+
+def all_rows(args: argparse.Namespace, checkpoint: Path) -> list[dict]:
+    folder = args.output_root / "rows" / run_key(args)
+    rows = []
+    for seed in args.seeds:
+        for budget in args.budgets:
+            for recipe in args.recipes:
+                name = f"{recipe}-b{budget:g}-s{seed}"
+
+                def compute(recipe=recipe, budget=budget, seed=seed, name=name) -> dict:
+                    if recipe == "torch_pruning":
+                        return torch_pruning_row(args, budget, seed, checkpoint)
+                    return pipeline_row(args, recipe, budget, seed, checkpoint, folder / name)
+
+                row = cached_row(folder / f"{name}.json", compute)
+                rows.append(row | {"recipe": recipe, "budget": budget, "seed": seed})
+                print(f"# done: {name}", file=sys.stderr, flush=True)
+        row = cached_row(
+            folder / f"{CONTROL}-s{seed}.json",
+            lambda seed=seed: control_row(args, seed, checkpoint),
+        )
+        rows.append(row | {"recipe": CONTROL, "budget": None, "seed": seed})
+        print(f"# done: {CONTROL}-s{seed}", file=sys.stderr, flush=True)
+    return rows
+
+
+# --- aggregates, table, summary, plot --------------------------------------------------------
+
+
+def spread(values: list[float]) -> dict:
+    return {
+        "mean": statistics.fmean(values),
+        "min": min(values),
+        "max": max(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+    }
+
+
+def aggregate(rows: list[dict]) -> list[dict]:
+    """One entry per (budget, recipe): mean, min, max and std over seeds."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["budget"], row["recipe"]), []).append(row)
+    out = []
+    for (budget, recipe), group in groups.items():
+        entry = {"budget": budget, "recipe": recipe, "seeds": [r["seed"] for r in group]}
+        for key in ("accuracy", "points_lost", "macs_ratio", "params_ratio", "latency_ratio"):
+            entry[key] = spread([r[key] for r in group])
+        entry["met"] = all(r["met"] for r in group)
+        entry["change"] = [[r["change_points"], *r["change_ci"]] for r in group]
+        out.append(entry)
+    return out
+
+
 HEADER = (
-    f"{'sparsity':>8} {'recipe':>9} {'base acc':>8} {'accuracy':>8} {'drop pts':>8} "
-    f"{'params':>7} {'MACs':>7} {'latency':>7} {'ft s':>6}"
+    f"{'MACs':>5} {'recipe':>13} {'n':>2} {'accuracy':>8} {'(min-max)':>15} {'lost pts':>8} "
+    f"{'(min..max)':>14} {'MACs':>6} {'params':>6} {'latency':>7} {'met':>3}  "
+    "paired change, points [95 % CI], per seed"
 )
 
 
-def format_row(row: dict) -> str:
+def format_entry(entry: dict) -> str:
+    acc, lost = entry["accuracy"], entry["points_lost"]
+    budget = "none" if entry["budget"] is None else f"{entry['budget']:g}"
+    changes = " ".join(f"{p:+.2f}[{lo:+.2f},{hi:+.2f}]" for p, lo, hi in entry["change"])
     return (
-        f"{row['sparsity']:>8g} {row['recipe']:>9} {row['baseline_accuracy']:>8.4f} "
-        f"{row['accuracy']:>8.4f} {row['drop_points']:>8.2f} {row['params_ratio']:>7.3f} "
-        f"{row['macs_ratio']:>7.3f} {row['latency_ratio']:>7.3f} {row['finetune_seconds']:>6.0f}"
+        f"{budget:>5} {entry['recipe']:>13} {len(entry['seeds']):>2} {acc['mean']:>8.4f} "
+        f"({acc['min']:.4f}-{acc['max']:.4f}) {lost['mean']:>8.2f} "
+        f"({lost['min']:>5.2f}..{lost['max']:>5.2f}) {entry['macs_ratio']['mean']:>6.3f} "
+        f"{entry['params_ratio']['mean']:>6.3f} {entry['latency_ratio']['mean']:>7.3f} "
+        f"{'yes' if entry['met'] else 'NO':>3}  {changes}"
     )
 
 
-def summary(rows: list[dict]) -> str:
-    """At the sparsity nearest 0.5: the default recipe's accuracy loss over the reference's."""
-    target = min({row["sparsity"] for row in rows}, key=lambda s: abs(s - 0.5))
-    drops = {row["recipe"]: row["drop_points"] for row in rows if row["sparsity"] == target}
-    reference, default = drops["reference"], drops["default"]
-    # A recipe that loses nothing (or gains) has nothing to divide by: report the points.
-    share = f"{max(default, 0.0) / reference:.3f}" if reference > 0 else "n/a"
-    return (
-        f"summary: s={target:g}: points lost reference {reference:.2f}, default {default:.2f}; "
-        f"default/reference loss ratio {share} (target <= 0.2)"
+def summary(entries: list[dict]) -> str:
+    by = {(e["budget"], e["recipe"]): e for e in entries}
+
+    def lost(budget: float, recipe: str) -> float | None:
+        entry = by.get((budget, recipe))
+        return None if entry is None else entry["points_lost"]["mean"]
+
+    parts = []
+    default_half = lost(0.5, "default")
+    parts.append(
+        "MACs 0.5: default loses n/a (not run)"
+        if default_half is None
+        else f"MACs 0.5: default loses {default_half:.2f} pts (target <= {DEFAULT_LOSS_TARGET})"
     )
+    for budget in LOSS_SHARE_BUDGETS:
+        default, reference = lost(budget, "default"), lost(budget, "reference")
+        if default is None or reference is None:
+            parts.append(f"MACs {budget:g}: default/reference loss n/a (not run)")
+            continue
+        # A reference that loses nothing leaves nothing to divide by: report the points.
+        share = f"{max(default, 0.0) / reference:.3f}" if reference > 0 else "n/a"
+        parts.append(
+            f"MACs {budget:g}: default/reference loss {share} ({default:.2f}/{reference:.2f} "
+            f"pts; target <= {LOSS_SHARE_TARGET:.3f})"
+        )
+    gaps = []
+    for budget in sorted({e["budget"] for e in entries if e["budget"] is not None}, reverse=True):
+        default, tp = by.get((budget, "default")), by.get((budget, "torch_pruning"))
+        if default and tp:
+            gap = 100.0 * (default["accuracy"]["mean"] - tp["accuracy"]["mean"])
+            gaps.append(f"{budget:g}: {gap:+.2f}")
+    if gaps:
+        parts.append(f"default - torch_pruning accuracy, pts: {', '.join(gaps)} (target > 0)")
+    return "summary: " + "; ".join(parts)
+
+
+def control_line(entries: list[dict], baseline_info: dict) -> str:
+    control = next((e for e in entries if e["recipe"] == CONTROL), None)
+    convergence = baseline_info["convergence"]
+    verdict = (
+        "unknown"
+        if convergence is None
+        else ("converged" if convergence["converged"] else "NOT converged")
+        + f" ({convergence['reason']})"
+    )
+    line = f"baseline convergence check: {verdict}"
+    if control is not None:
+        gain = 0.0 - control["points_lost"]["mean"]  # 0.0 - 0.0, never "-0.00"
+        line += f"; control (fine-tuning alone, unpruned): {gain:+.2f} pts"
+        if gain > CONTROL_GAIN_LIMIT:
+            line += (
+                f" > {CONTROL_GAIN_LIMIT}: the baseline is not converged; part of every "
+                "recipe's accuracy is extra training"
+            )
+    return line
+
+
+def plot(entries: list[dict], baseline_accuracy: float, path: Path) -> Path:
+    """Accuracy against MACs ratio (left) and CPU latency ratio (right), mean and min-max over
+    seeds, one line per recipe; the control at ratio 1."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
+    for recipe in [*RECIPES, CONTROL]:
+        points = sorted(
+            (e for e in entries if e["recipe"] == recipe), key=lambda e: e["macs_ratio"]["mean"]
+        )
+        if not points:
+            continue
+        for axis, key in zip(axes, ("macs_ratio", "latency_ratio"), strict=True):
+            x = [e[key]["mean"] for e in points]
+            y = [e["accuracy"]["mean"] for e in points]
+            yerr = [
+                [e["accuracy"]["mean"] - e["accuracy"]["min"] for e in points],
+                [e["accuracy"]["max"] - e["accuracy"]["mean"] for e in points],
+            ]
+            xerr = [
+                [e[key]["mean"] - e[key]["min"] for e in points],
+                [e[key]["max"] - e[key]["mean"] for e in points],
+            ]
+            axis.errorbar(
+                x,
+                y,
+                yerr=yerr,
+                xerr=xerr,
+                marker="o",
+                capsize=3,
+                label=recipe,
+                linestyle="none" if recipe == CONTROL else "-",
+            )
+    labels = ("MACs ratio (pruned / baseline)", "CPU latency ratio (pruned / baseline)")
+    for axis, label in zip(axes, labels, strict=True):
+        axis.axhline(baseline_accuracy, color="grey", linestyle=":", label="baseline")
+        axis.set_xlabel(label)
+        axis.grid(alpha=0.3)
+    axes[0].set_ylabel("test accuracy after fine-tuning")
+    axes[0].legend()
+    figure.suptitle("Recipes at equal MACs budgets (mean, min-max over seeds)")
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     common.quiet_warnings()
-    rows = []
-    for sparsity in args.sparsities:
-        for recipe in RECIPES:
-            rows.append(run_one(args, sparsity, recipe))
-            print(f"# done: {recipe} at {sparsity:g}", file=sys.stderr, flush=True)
+    if "torch_pruning" in args.recipes:
+        require_torch_pruning()  # before the baseline, not hours later
+    began = time.perf_counter()
+    info = ensure_baseline(args)
+    rows = all_rows(args, info["path"])
+    entries = aggregate(rows)
+    order = {name: index for index, name in enumerate([*RECIPES, CONTROL])}
+    entries.sort(key=lambda e: (e["budget"] is None, -(e["budget"] or 0), order[e["recipe"]]))
+    trained = info["train_seconds"]
+    trained_text = "unknown" if trained is None else f"{trained:.0f} s"
     print(
         f"# fashion_mnist, {args.train_limit} training images, baseline {args.baseline_epochs} "
-        f"epochs, {args.finetune_epochs} fine-tuning epochs for both recipes; ratios are "
-        f"pruned / baseline"
+        f"epochs ({info['source']} now; training took {trained_text}), {args.finetune_epochs} "
+        f"fine-tuning epochs for every recipe and the control; seeds {args.seeds} "
+        f"(dataset.seed={args.seeds[0]} for all: one baseline, split and test set; the seed "
+        "changes the pruning statistics batches and the fine-tuning order); ratios are "
+        "pruned / baseline, means over seeds; lost pts = baseline - pruned accuracy"
     )
     print(HEADER)
-    for row in rows:
-        print(format_row(row))
-    print(summary(rows))
+    for entry in entries:
+        print(format_entry(entry))
+    print(control_line(entries, info))
+    print(f"pareto plot: {plot(entries, rows[0]['baseline_accuracy'], args.plot)}")
+    wall = time.perf_counter() - began
+    print(f"wall time {wall:.0f} s (rows cached under {args.output_root / 'rows'} are reused)")
+    print(summary(entries))
     if args.json is not None:
-        args.json.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2, default=str))
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"args": vars(args), "baseline": info, "rows": rows, "aggregates": entries}
+        args.json.write_text(json.dumps(payload, indent=2, default=str))
 
 
 if __name__ == "__main__":

@@ -57,3 +57,13 @@ def test_a_run_lands_on_its_budget(tiny, tmp_path, kind, target):
     assert budget["final"] == pytest.approx(reached)
     assert target - 0.02 <= reached <= target
     assert budget["met"] and record["pruning"]["sparsity"] == budget["sparsity"]
+
+
+def test_sparsities_that_empty_a_layer_count_as_too_much_and_are_never_the_answer():
+    # NNI's one-shot allocation (pruner.round_to=null) empties a layer at high sparsities.
+    def ratio_at(sparsity: float) -> float | None:
+        return None if sparsity > 0.8 else stepped_cost(sparsity)
+
+    sparsity, ratio, evaluations = bisect(ratio_at, 0.25, 0.02, "budget.macs")
+    assert 0.23 <= ratio <= 0.25 and sparsity <= 0.8
+    assert evaluations[0]["ratio"] is None  # the first probe, at MAX_SPARSITY

@@ -45,35 +45,46 @@ class BudgetSearch:
 
 
 def bisect(
-    ratio_at: Callable[[float], float], target: float, tolerance: float, key: str
+    ratio_at: Callable[[float], float | None], target: float, tolerance: float, key: str
 ) -> tuple[float, float, list[dict]]:
     """The smallest sparsity in (0, MAX_SPARSITY] whose ratio is at most `target` (to within the
     step of the search), its ratio, and every evaluation; stops early once a sparsity lands in
-    [target - tolerance / 2, target]."""
+    [target - tolerance / 2, target]. `ratio_at` returns None where pruning is impossible (it
+    would empty a layer): too much, and never the answer."""
     evaluations: list[dict] = []
 
-    def evaluate(sparsity: float) -> float:
+    def evaluate(sparsity: float) -> float | None:
         ratio = ratio_at(sparsity)
         evaluations.append({"sparsity": sparsity, "ratio": ratio})
-        log.info("budget search: sparsity %.4f -> %s ratio %.4f", sparsity, key, ratio)
+        log.info("budget search: sparsity %.4f -> %s ratio %s", sparsity, key, ratio)
         return ratio
 
-    best = (MAX_SPARSITY, evaluate(MAX_SPARSITY))
-    if best[1] > target:
+    best: tuple[float, float] | None = None
+    most = evaluate(MAX_SPARSITY)
+    if most is not None and most > target:
         raise ConfigError(
             f"{key}={target} cannot be reached: at sparsity {MAX_SPARSITY} the pruned model "
-            f"keeps {best[1]:.3f} of the baseline's; allowed values: above {best[1]:.3f}"
+            f"keeps {most:.3f} of the baseline's; allowed values: above {most:.3f}"
         )
+    if most is not None:
+        best = (MAX_SPARSITY, most)
     low, high = 0.0, MAX_SPARSITY
     for _ in range(MAX_EVALUATIONS):
-        if target - best[1] <= tolerance / 2:
+        if best is not None and target - best[1] <= tolerance / 2:
             break
         middle = (low + high) / 2
         ratio = evaluate(middle)
-        if ratio <= target:
-            high, best = middle, (middle, ratio)
+        if ratio is None or ratio <= target:
+            high = middle
+            if ratio is not None:
+                best = (middle, ratio)
         else:
             low = middle
+    if best is None:
+        raise ConfigError(
+            f"{key}={target} cannot be reached: pruning empties a layer at every sparsity that "
+            f"meets it; allowed values: a larger ratio"
+        )
     return best[0], best[1], evaluations
 
 
@@ -106,8 +117,14 @@ def sparsity_for_budget(
     shape = inputs.input_shape
     base_cost = _cost(model, kind, shape)
 
-    def ratio_at(sparsity: float) -> float:
-        pruned = prune_in_steps(copy.deepcopy(model), inputs, cheap, sparsity).model
+    def ratio_at(sparsity: float) -> float | None:
+        try:
+            pruned = prune_in_steps(copy.deepcopy(model), inputs, cheap, sparsity).model
+        except Exception as error:
+            # NNI refuses a sparsity that leaves a layer no channel (its EmptyLayerError).
+            if type(error).__name__ == "EmptyLayerError":
+                return None
+            raise
         if kind == "latency":
             return _latency_ratio(model, pruned, inputs, measure)
         return _cost(pruned, kind, shape) / base_cost
