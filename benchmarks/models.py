@@ -203,11 +203,13 @@ def _prune_and_save(model, config, pruner, shape, folder, base, probe):
 
 
 def _failed(record: dict, step: str, error: BaseException, started: float | None) -> dict:
+    from pipeline.nni_rules import failed_operation
+
     record |= {
         "status": "fail",
         "step": step,
         "error": _first_line(error),
-        "operation": _operation(error),
+        "operation": failed_operation(error),
     }
     if started is not None:
         record["seconds"] = round(time.perf_counter() - started, 1)
@@ -275,29 +277,6 @@ def _first_line(error: BaseException) -> str:
     text = str(error).strip()
     line = text.splitlines()[0] if text else ""
     return f"{type(error).__name__}: {line}"[:240]
-
-
-def _operation(error: BaseException) -> str | None:
-    """The graph node or module type NNI was working on when it failed, from the traceback's
-    frames (NNI names its nodes `<scope>.<aten op>.<index>` and its modules by type)."""
-    found, innermost = None, None
-    tb = error.__traceback__
-    while tb is not None:
-        frame = tb.tb_frame
-        local = frame.f_locals
-        for key in ("curnode", "node"):
-            node = local.get(key)
-            if node is not None and hasattr(node, "op_type"):
-                found = f"{node.op_type} at {node.name}"
-        if "m_type" in local:
-            found = f"module type {local['m_type']}"
-        path = frame.f_code.co_filename
-        if "/torchvision/" in path or "/nni/" in path:
-            package = "torchvision" if "/torchvision/" in path else "nni"
-            where = path.rpartition(f"/{package}/")[2]
-            innermost = f"{frame.f_code.co_name} in {package}/{where}:{tb.tb_lineno}"
-        tb = tb.tb_next
-    return found or innermost
 
 
 # ---------------------------------------------------------------------------------------------

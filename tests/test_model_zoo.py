@@ -208,3 +208,22 @@ def test_imagenet_weights_that_cannot_be_fetched_are_one_clear_line(monkeypatch)
     monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", offline)
     with pytest.raises(WeightsUnavailableError, match=r"ResNet18_Weights\.IMAGENET1K_V1 .*hub"):
         torchvision_classifier("resnet18", num_classes=10, weights="imagenet")
+
+
+@pytest.mark.slow
+def test_a_model_nni_cannot_take_fails_in_one_line_naming_it_and_the_operation(tmp_path):
+    from conftest import ROOT, TINY, run_cli
+
+    done = run_cli(
+        *TINY,
+        "model=torchvision",
+        "model.name=shufflenet_v2_x0_5",  # x.chunk(2, dim=1) feeds a Conv2d NNI cannot reach
+        "tracking=none",
+        f"paths.output_root={tmp_path}",
+        cwd=ROOT,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = [line for line in done.stderr.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert lines[0].startswith("error: model.name=shufflenet_v2_x0_5: NNI 2.10.1's ")
+    assert " at Conv2d at stage2.1.branch2.0 " in lines[0]

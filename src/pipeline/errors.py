@@ -23,3 +23,7 @@ class SpeedupError(PipelineError):
 
 class RuntimeUnavailableError(PipelineError):
     """The package a measure.runtime needs is not installed."""
+
+
+class UnsupportedModelError(PipelineError):
+    """NNI cannot prune or speed up this model: an operation it cannot trace a channel through."""

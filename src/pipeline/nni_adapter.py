@@ -19,7 +19,7 @@ from torch import nn
 
 from pipeline.errors import SpeedupError
 from pipeline.inference import fold_batchnorm
-from pipeline.nni_rules import channel_following_norms, replacement_rules
+from pipeline.nni_rules import channel_following_norms, replacement_rules, unsupported
 from pipeline.schema import PrunerSettings
 from pipeline.training import cycled_batches, train_steps
 
@@ -124,16 +124,19 @@ def channel_masks(
     # NNI re-creates the optimizer for the wrapped model, so it must be traced.
     optimizer = nni.trace(torch.optim.Adam)(target.parameters(), lr=settings.lr)
     evaluator = TorchEvaluator(training_func, optimizer, criterion, dummy_input=dummy_input)
-    pruner = pruner_class(
-        target,
-        config_list,
-        evaluator,
-        training_steps=nni_steps,
-        activation=_value(settings.activation),
-        mode=_value(settings.mode),
-        dummy_input=dummy_input,
-    )
-    _, masks = pruner.compress()
+    try:
+        pruner = pruner_class(
+            target,
+            config_list,
+            evaluator,
+            training_steps=nni_steps,
+            activation=_value(settings.activation),
+            mode=_value(settings.mode),
+            dummy_input=dummy_input,
+        )
+        _, masks = pruner.compress()
+    except Exception as error:
+        raise unsupported("pruner", error) from error
     pruner._unwrap_model()
     return masks
 
@@ -212,16 +215,21 @@ def model_speedup(
     device = next(model.parameters()).device
     dummy_input = torch.rand(confidence, *shape, device=device)
     model.eval()
-    speedup = ModelSpeedup(
-        model,
-        dummy_input,
-        masks,
-        confidence=confidence,
-        customized_replace_func=replacement_rules(model),
-    )
-    # After tracing (the graph keeps the norms' own types), before mask inference.
-    with channel_following_norms(model):
-        speedup.speedup_model()
+    try:
+        speedup = ModelSpeedup(
+            model,
+            dummy_input,
+            masks,
+            confidence=confidence,
+            customized_replace_func=replacement_rules(model),
+        )
+        # After tracing (the graph keeps the norms' own types), before mask inference.
+        with channel_following_norms(model):
+            speedup.speedup_model()
+    except Exception as error:
+        if type(error).__name__ == "EmptyLayerError":
+            raise  # the sparsity leaves a layer empty: the budget search counts it as too much
+        raise unsupported("ModelSpeedup", error) from error
     try:
         with torch.no_grad():
             model(torch.rand(2, *check_shape, device=device))

@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
+from pipeline.errors import UnsupportedModelError
+
 
 def replacement_rules(model: nn.Module) -> dict[str, Callable]:
     """ModelSpeedup's `customized_replace_func` for the module types of `model`.
@@ -135,3 +137,38 @@ def channel_following_norms(model: nn.Module) -> Iterator[None]:
         for module in model.modules():
             if isinstance(module, (ChannelFollowingNorm2d, ChannelFollowingNorm)):
                 module.__class__ = module.__dict__.pop("original_class")
+
+
+def failed_operation(error: BaseException) -> str | None:
+    """The graph node or module type NNI was working on when it failed, from the traceback's
+    frames (NNI names its nodes `<scope>.<aten op>.<index>` and its modules by type); else the
+    innermost frame in NNI or torchvision."""
+    if isinstance(error, UnsupportedModelError) and error.__cause__ is not None:
+        error = error.__cause__  # what NNI raised, with its frames
+    found, innermost = None, None
+    tb = error.__traceback__
+    while tb is not None:
+        frame = tb.tb_frame
+        local = frame.f_locals
+        for key in ("curnode", "node"):
+            node = local.get(key)
+            if node is not None and hasattr(node, "op_type"):
+                found = f"{node.op_type} at {node.name}"
+        if "m_type" in local:
+            found = f"module type {local['m_type']}"
+        path = frame.f_code.co_filename
+        if "/torchvision/" in path or "/nni/" in path:
+            package = "torchvision" if "/torchvision/" in path else "nni"
+            where = path.rpartition(f"/{package}/")[2]
+            innermost = f"{frame.f_code.co_name} in {package}/{where}:{tb.tb_lineno}"
+        tb = tb.tb_next
+    return found or innermost
+
+
+def unsupported(step: str, error: BaseException) -> UnsupportedModelError:
+    """One line for a model NNI cannot take through `step`: where and what NNI said."""
+    text = str(error).strip()
+    reason = f"{type(error).__name__}: {text.splitlines()[0][:200] if text else ''}"
+    operation = failed_operation(error)
+    where = f" at {operation}" if operation else ""
+    return UnsupportedModelError(f"NNI 2.10.1's {step} cannot take this model{where} ({reason})")

@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 from pipeline.cache import cache_key
 from pipeline.config import plain
 from pipeline.data import DataSplits, StageInputs, make_loaders
+from pipeline.errors import UnsupportedModelError
 from pipeline.export import build_from_config, export_onnx, save_pruned
 from pipeline.files import atomic_path, write_json
 from pipeline.jobs import RECORD_FILE, config_identity
@@ -118,9 +119,12 @@ def run(settings: RunSettings, run_dir: Path, tracker: Tracker | None = None) ->
             tracker.set_tags({"baseline.converged": str(base.convergence.converged).lower()})
 
         seed_stage(settings.seed, "prune")
-        pruned_model, pruning = prune_stages(
-            base.model, settings, prune_inputs, monitor, run_dir / "masks.safetensors"
-        )
+        try:
+            pruned_model, pruning = prune_stages(
+                base.model, settings, prune_inputs, monitor, run_dir / "masks.safetensors"
+            )
+        except UnsupportedModelError as error:
+            raise UnsupportedModelError(f"{model_label(settings.model)}: {error}") from error
 
         with monitor.stage("finetune"):
             seed_stage(settings.seed, "finetune")
@@ -180,6 +184,13 @@ def run(settings: RunSettings, run_dir: Path, tracker: Tracker | None = None) ->
     write_outcome(tracker, record, monitor, run_dir)
     print(summary_table(record))
     return record
+
+
+def model_label(model_settings) -> str:
+    """model=torchvision model.name=resnet18, or the builder a config names."""
+    name = model_settings.get("name")
+    target = model_settings.get("_target_")
+    return f"model.name={name}" if name else f"model._target_={target}"
 
 
 def prune_stages(
