@@ -25,6 +25,7 @@ so an interrupted run goes on where it stopped.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -182,7 +183,7 @@ def _prune_and_save(model, config, pruner, shape, folder, base, probe):
             torch.device("cpu"),
             shape,
         )
-        pruned = prune(_copy(model), inputs, settings, SPARSITY)
+        pruned = prune(copy.deepcopy(model), inputs, settings, SPARSITY)
 
         step = "speedup"
         small = nni_speedup(
@@ -214,12 +215,6 @@ def _failed(record: dict, step: str, error: BaseException, started: float | None
     if started is not None:
         record["seconds"] = round(time.perf_counter() - started, 1)
     return record
-
-
-def _copy(model):
-    import copy
-
-    return copy.deepcopy(model)
 
 
 def _reload_elsewhere(folders: list[Path], probe) -> dict:
@@ -274,9 +269,9 @@ def _latency_ratio(baseline, pruned, shape) -> dict:
 
 
 def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    line = text.splitlines()[0] if text else ""
-    return f"{type(error).__name__}: {line}"[:240]
+    from pipeline.errors import first_line
+
+    return f"{type(error).__name__}: {first_line(error, 240)}"[:240]
 
 
 # ---------------------------------------------------------------------------------------------

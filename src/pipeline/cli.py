@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 
 from pipeline import jobs
 from pipeline.config import (
+    BUDGET_KINDS,
     SEARCH_PATH,
     check_command_line,
     compose,
@@ -43,9 +44,8 @@ def job(cfg: DictConfig) -> float | list[float] | None:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     log_file = run_dir / f"{hydra_cfg.job.name}.log"
-    budgets = [
-        f"budget.{k}={v}" for k, v in (cfg.get("budget") or {}).items() if k != "tolerance" and v
-    ]
+    budget = cfg.get("budget") or {}
+    budgets = [f"budget.{kind}={budget[kind]}" for kind in BUDGET_KINDS if budget.get(kind)]
     target = budgets[0] if budgets else f"sparsity={cfg.get('sparsity')}"
     run_name = f"{hydra_cfg.runtime.choices.get('pruner')} {target}"
     sweeping = hydra_cfg.mode == RunMode.MULTIRUN

@@ -424,7 +424,7 @@ def check_budget_or_sparsity(overrides: list[str]) -> None:
     budgets = [
         f"{key}={value}"
         for key, value in given.items()
-        if key.startswith("budget.") and key != "budget.tolerance" and value not in ("null", "")
+        if key.removeprefix("budget.") in BUDGET_KINDS and value not in ("null", "")
     ]
     if budgets and "sparsity" in given:
         raise ConfigError(

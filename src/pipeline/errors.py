@@ -1,6 +1,12 @@
 """Failures the user can fix: each carries one line that names the setting and what to do."""
 
 
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message, at most `limit` characters; "" for none."""
+    text = str(error).strip()
+    return text.splitlines()[0][:limit] if text else ""
+
+
 class PipelineError(Exception):
     """An expected failure; the command line prints its message alone and exits non-zero."""
 

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from pipeline.errors import WeightsUnavailableError
+from pipeline.errors import WeightsUnavailableError, first_line
 from pipeline.files import atomic_path
 from pipeline.models import ChannelScale
 
@@ -195,7 +195,7 @@ def load_pruned(
         state._metadata = getattr(model.state_dict(), "_metadata", None)  # type: ignore[attr-defined]
         model.load_state_dict(state, strict=True)
     except Exception as error:
-        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+        reason = first_line(error)
         raise WeightsUnavailableError(
             f"{directory}: not a pruned model that load_pruned can read "
             f"({type(error).__name__}: {reason}); allowed values: a folder written by save_pruned "

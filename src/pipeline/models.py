@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pipeline.errors import WeightsUnavailableError
+from pipeline.errors import ConfigError, WeightsUnavailableError, first_line
 
 
 def classifier_head(in_features: int, hidden: Sequence[int], num_classes: int, dropout: float):
@@ -70,7 +70,7 @@ def load_state_dict(path: str | Path, key: str) -> dict[str, torch.Tensor]:
             f"allowed values: a .safetensors file or a torch state dict of tensors"
         ) from None
     except Exception as error:
-        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
+        reason = first_line(error)
         raise WeightsUnavailableError(
             f"{key}={path}: unreadable checkpoint ({type(error).__name__}: {reason})"
         ) from None
@@ -109,8 +109,6 @@ def state_dict_mismatch(
 # torchvision builders whose training-mode output is not a plain tensor: their auxiliary
 # classifiers are dropped, as torchvision itself does when it loads their weights.
 AUXILIARY_HEADS = {"googlenet": ("aux1.", "aux2."), "inception_v3": ("AuxLogits.",)}
-# Builders whose layers depend on the input size; model.image_size must match the dataset's.
-SIZED_BUILDERS = ("vit_", "maxvit_")
 
 
 def torchvision_names() -> list[str]:
@@ -118,6 +116,13 @@ def torchvision_names() -> list[str]:
     import torchvision
 
     return torchvision.models.list_models(module=torchvision.models)
+
+
+def check_torchvision_name(name: str) -> None:
+    """ConfigError naming model.name and the allowed builders when `name` is not one."""
+    names = torchvision_names()
+    if name not in names:
+        raise ConfigError(f"model.name={name!r} is not allowed; allowed values: {', '.join(names)}")
 
 
 def torchvision_classifier(
@@ -132,9 +137,7 @@ def torchvision_classifier(
     """
     import torchvision
 
-    names = torchvision_names()
-    if name not in names:
-        raise ValueError(f"model.name={name!r} is not allowed; allowed values: {', '.join(names)}")
+    check_torchvision_name(name)
     if name in AUXILIARY_HEADS:
         options = {"aux_logits": False, "init_weights": True} | options
         if weights == "imagenet":
@@ -241,7 +244,7 @@ def torchvision_weights(name: str, which: str = "DEFAULT") -> dict[str, torch.Te
     try:
         return weights.get_state_dict(progress=False)
     except Exception as error:  # network, hub cache or checksum failures all end the same way
-        reason = str(error).strip().splitlines()[0][:160] if str(error).strip() else ""
+        reason = first_line(error, 160)
         raise WeightsUnavailableError(
             f"model.weights=imagenet: torchvision's {weights} weights could not be loaded "
             f"({type(error).__name__}: {reason}); put them in the torch hub cache "

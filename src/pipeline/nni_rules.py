@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
-from pipeline.errors import UnsupportedModelError
+from pipeline.errors import UnsupportedModelError, first_line
 
 
 def replacement_rules(model: nn.Module) -> dict[str, Callable]:
@@ -167,8 +167,7 @@ def failed_operation(error: BaseException) -> str | None:
 
 def unsupported(step: str, error: BaseException) -> UnsupportedModelError:
     """One line for a model NNI cannot take through `step`: where and what NNI said."""
-    text = str(error).strip()
-    reason = f"{type(error).__name__}: {text.splitlines()[0][:200] if text else ''}"
+    reason = f"{type(error).__name__}: {first_line(error)}"
     operation = failed_operation(error)
     where = f" at {operation}" if operation else ""
     return UnsupportedModelError(f"NNI 2.10.1's {step} cannot take this model{where} ({reason})")

@@ -13,7 +13,12 @@ import urllib.request
 from typing import Any
 
 from pipeline.data_layout import check_layout
-from pipeline.errors import ConfigError, RuntimeUnavailableError, WeightsUnavailableError
+from pipeline.errors import (
+    ConfigError,
+    RuntimeUnavailableError,
+    WeightsUnavailableError,
+    first_line,
+)
 from pipeline.schema import RunSettings
 
 # An unreachable server must fail in seconds, not after MLflow's two minutes of retries.
@@ -75,12 +80,7 @@ def check_model_choice(model_settings: Any) -> None:
 
     target = model_settings.get("_target_")
     if target == TORCHVISION_BUILDER:
-        names = models.torchvision_names()
-        if model_settings.get("name") not in names:
-            raise ConfigError(
-                f"model.name={model_settings.get('name')!r} is not allowed; allowed values: "
-                f"{', '.join(names)}"
-            )
+        models.check_torchvision_name(model_settings.get("name"))
     if target == LITE0_BUILDER and model_settings.get("weights") == "imagenet":
         try:
             models.lite0_imagenet_state_path()
@@ -102,11 +102,10 @@ def check_model_runs(model, settings: RunSettings) -> None:
         with torch.no_grad():
             scores = model.eval()(torch.zeros(1, 3, size, size))
     except Exception as error:
-        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else ""
         raise ConfigError(
             f"model._target_={settings.model.get('_target_')!r} cannot classify "
             f"{size}x{size} images (dataset.image_size={size}): {type(error).__name__}: "
-            f"{reason}"
+            f"{first_line(error)}"
         ) from None
     if not torch.is_tensor(scores) or tuple(scores.shape) != (1, classes):
         shape = tuple(scores.shape) if torch.is_tensor(scores) else type(scores).__name__

@@ -13,7 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from pipeline.cache import cache_key
-from pipeline.config import plain
+from pipeline.config import asked_budget, plain
 from pipeline.data import DataSplits, StageInputs, make_loaders
 from pipeline.errors import UnsupportedModelError
 from pipeline.export import build_from_config, export_onnx, save_pruned
@@ -203,12 +203,13 @@ def prune_stages(
     """Stages 2 and 3 (in pruner.iterations steps), each step's size and validation accuracy
     logged; returns the physically smaller model and a summary for measurements.json."""
     steps = []
-    with monitor.stage("prune"):
-        search = sparsity_for_budget(
-            model, inputs, settings.pruner, settings.budget, settings.measure
-        )
-    sparsity = settings.sparsity if search is None else search.sparsity
-    if search is not None:
+    sparsity, search = settings.sparsity, None
+    if asked_budget(settings.budget) is not None:
+        with monitor.stage("prune"):  # the search prunes too
+            search = sparsity_for_budget(
+                model, inputs, settings.pruner, settings.budget, settings.measure
+            )
+        sparsity = search.sparsity
         log.info(
             "budget.%s=%s: sparsity %.4f (%s ratio %.4f, %d prunings)",
             search.kind,
