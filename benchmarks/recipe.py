@@ -2,7 +2,7 @@
 
     python benchmarks/recipe.py [hydra overrides ...] [--budgets 0.7 0.5 0.35 0.25]
                                 [--seeds 1234 1235] [--train-limit 8000]
-                                [--baseline-epochs 15] [--finetune-epochs 3]
+                                [--baseline-epochs 40] [--finetune-epochs 3]
                                 [--recipes reference default torch_pruning]
                                 [--output-root outputs/benchmarks/recipe] [--plot PNG] [--json PATH]
 
@@ -93,8 +93,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--baseline-epochs",
         type=int,
-        default=15,
-        help="baseline.epochs; the output says whether the baseline converged (check it)",
+        default=40,
+        help="baseline.epochs (40: converged on 8,000 images, val +0.37 pts in the last 3 of 40 "
+        "epochs, 20 min on 2 cores); the output says whether the baseline converged",
     )
     parser.add_argument("--finetune-epochs", type=int, default=3)
     parser.add_argument("--tp-steps", type=int, default=4, help="Torch-Pruning iterative_steps")
@@ -499,6 +500,11 @@ def control_line(entries: list[dict], baseline_info: dict) -> str:
             line += (
                 f" > {CONTROL_GAIN_LIMIT}: the baseline is not converged; part of every "
                 "recipe's accuracy is extra training"
+            )
+        elif gain < -CONTROL_GAIN_LIMIT:
+            line += (
+                f" < -{CONTROL_GAIN_LIMIT}: the fine-tuning itself costs the unpruned model "
+                "accuracy; part of every recipe's loss is the fine-tuning's, not the pruning's"
             )
     return line
 

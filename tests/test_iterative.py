@@ -104,3 +104,22 @@ def test_iterative_run_prunes_in_steps_and_keeps_every_steps_masks(tiny, tmp_pat
     assert prefixes == {"step1", "step2", "step3"}
     with safe_open(tmp_path / "one_shot" / "masks.safetensors", "pt") as masks:
         assert not any("/" in key for key in masks.keys())  # noqa: SIM118
+
+
+@pytest.mark.parametrize(("recalibrate", "expected"), [("every_step", 3), ("last_step", 1)])
+def test_batchnorm_is_re_estimated_after_the_steps_asked(
+    tiny, tmp_path, monkeypatch, recalibrate, expected
+):
+    import pipeline.stages.speedup as speedup_stage
+
+    widths = []
+
+    def counted(model, loader, num_batches, device):
+        widths.append(sum(p.numel() for p in model.parameters()))
+        return recalibrate_batchnorm(model, loader, num_batches, device)
+
+    monkeypatch.setattr(speedup_stage, "recalibrate_batchnorm", counted)
+    record = run(tiny("pruner.iterations=3", f"pruner.recalibrate={recalibrate}"), tmp_path / "run")
+    assert len(widths) == expected
+    # The last re-estimation is always on the final model.
+    assert widths[-1] == record["pruned"]["params"]

@@ -82,6 +82,9 @@ def test_aggregates_summary_and_plot(recipe, tmp_path):
     assert "0.25: +1.00" in line  # default - torch_pruning
     info = {"convergence": {"converged": True, "reason": "flat"}}
     assert "the baseline is not converged" in recipe.control_line(entries, info)
+    damaging = recipe.aggregate([made_up_row("control", None, seed, 0.895) for seed in (0, 1)])
+    line = recipe.control_line(damaging, info)
+    assert "-0.50 pts" in line and "the fine-tuning itself costs" in line
     assert recipe.plot(entries, 0.9, tmp_path / "pareto.png").stat().st_size > 0
 
 

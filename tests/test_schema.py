@@ -12,7 +12,8 @@ from pipeline.errors import ConfigError
             "pruner.lrr=0.1",
             "pruner.lrr is not a setting; allowed keys: _target_, mode, activation, training_steps,"
             " batch_size, statistics, lr, config_list, exclude_last_layer, confidence,"
-            " pruning_on_cuda, round_to, iterations, recalibration_batches, trace_input_size",
+            " pruning_on_cuda, round_to, iterations, recalibration_batches, recalibrate,"
+            " trace_input_size",
         ),
         ("baseline.epochs=x", "baseline.epochs='x' is not allowed; allowed values: an integer"),
         (

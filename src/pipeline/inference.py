@@ -141,6 +141,10 @@ class OnnxRuntimeModel(nn.Module):
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads is not None:
             options.intra_op_num_threads = threads
+        # Two sessions (baseline and pruned) are timed in alternating rounds, each with its own
+        # thread pool; spinning threads of the idle one would take the cores from the one being
+        # timed (on 2 cores the same baseline's p50 varied 5.2-8.6 ms between pairs).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = ["CPUExecutionProvider"]
         if example.device.type == "cuda" and "CUDAExecutionProvider" in (
             onnxruntime.get_available_providers()

@@ -33,6 +33,13 @@ class Statistics(str, Enum):
     nni = "nni"
 
 
+class Recalibration(str, Enum):
+    """After which pruning steps BatchNorm statistics are re-estimated."""
+
+    last_step = "last_step"  # once, on the final model
+    every_step = "every_step"  # after every step, so later steps rank on fitting statistics
+
+
 class Schedule(str, Enum):
     constant = "constant"
     cosine = "cosine"
@@ -94,6 +101,7 @@ class PrunerSettings:
     round_to: int | None = MISSING
     iterations: int = MISSING
     recalibration_batches: int = MISSING
+    recalibrate: Recalibration = MISSING
     trace_input_size: int | None = MISSING
 
 

@@ -13,13 +13,20 @@ from pipeline.training import recalibrate_batchnorm
 
 
 def speedup(
-    model: nn.Module, masks: Masks, inputs: StageInputs, settings: PrunerSettings
+    model: nn.Module,
+    masks: Masks,
+    inputs: StageInputs,
+    settings: PrunerSettings,
+    recalibrate: bool = True,
 ) -> nn.Module:
-    """Remove the masked channels (see nni_adapter.speedup for the checks and retries), then
-    re-estimate BatchNorm statistics from settings.recalibration_batches training batches."""
+    """Remove the masked channels (see nni_adapter.speedup for the checks and retries), then,
+    with `recalibrate`, re-estimate BatchNorm statistics from settings.recalibration_batches
+    training batches."""
     smaller = nni_speedup(
         model, masks, inputs.input_shape, settings.confidence, settings.trace_input_size
     )
+    if not recalibrate:
+        return smaller
     return recalibrate_batchnorm(
         smaller, inputs.loaders.train, settings.recalibration_batches, inputs.device
     )
