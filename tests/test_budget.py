@@ -67,3 +67,36 @@ def test_sparsities_that_empty_a_layer_count_as_too_much_and_are_never_the_answe
     sparsity, ratio, evaluations = bisect(ratio_at, 0.25, 0.02, "budget.macs")
     assert 0.23 <= ratio <= 0.25 and sparsity <= 0.8
     assert evaluations[0]["ratio"] is None  # the first probe, at MAX_SPARSITY
+
+
+def test_a_rounding_that_jumps_over_the_window_is_refined(tiny, monkeypatch):
+    """Layers of one width round alike, so a round_to of 16 can jump from above the target to
+    far below it; the search halves the multiple, and the run prunes with what landed."""
+    import types
+
+    from torch import nn
+
+    import pipeline.stages.budget as budget_stage
+
+    step = {16: 0.1, 8: 0.05, None: 0.001}  # how far apart the reachable ratios lie
+
+    def fake_prune(model, inputs, pruner, sparsity):
+        quantum = step[pruner.round_to]
+        return types.SimpleNamespace(model=(int((1 - sparsity) / quantum) * quantum,))
+
+    def fake_cost(model, kind, shape):
+        return 1.0 if isinstance(model, nn.Module) else model[0]
+
+    monkeypatch.setattr(budget_stage, "prune_in_steps", fake_prune)
+    monkeypatch.setattr(budget_stage, "_cost", fake_cost)
+    settings = tiny("budget.macs=0.37", "pruner.round_to=16")
+    inputs = types.SimpleNamespace(input_shape=(3, 8, 8))
+    search = budget_stage.sparsity_for_budget(
+        nn.Linear(2, 2), inputs, settings.pruner, settings.budget, settings.measure
+    )
+    # round_to 16 reaches 0.3 at best (0.07 below 0.37), round_to 8 reaches 0.35.
+    assert search.round_to == 8
+    assert 0.35 <= search.achieved <= 0.37
+    assert {entry["round_to"] for entry in search.evaluations} == {16, 8}
+    assert budget_stage._roundings(16) == [16, 8, None]
+    assert budget_stage._roundings(None) == [None]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import random
@@ -211,13 +212,14 @@ def prune_stages(
             )
         sparsity = search.sparsity
         log.info(
-            "budget.%s=%s: sparsity %.4f (%s ratio %.4f, %d prunings)",
+            "budget.%s=%s: sparsity %.4f (%s ratio %.4f, %d prunings, round_to %s)",
             search.kind,
             search.target,
             sparsity,
             search.kind,
             search.achieved,
             len(search.evaluations),
+            search.round_to,
         )
 
     def after_step(index: int, current: torch.nn.Module) -> None:
@@ -230,10 +232,13 @@ def prune_stages(
         )
         log.info("prune step %d/%d: %s", index, settings.pruner.iterations, row)
 
+    pruner = settings.pruner
+    if search is not None and search.round_to != pruner.round_to:
+        pruner = dataclasses.replace(pruner, round_to=search.round_to)
     result = prune_in_steps(
         model,
         inputs,
-        settings.pruner,
+        pruner,
         sparsity,
         stage=monitor.stage,
         on_step=after_step,

@@ -4,6 +4,9 @@ budget.params or budget.latency, a ratio of the baseline's) instead of a sparsit
 The cost of the pruned model falls as the sparsity rises, in steps (channel counts are whole
 numbers, rounded to pruner.round_to). Bisection over the sparsity finds the smallest one whose
 model costs at most the target; the run then prunes at that sparsity as it would at a given one.
+Where rounded counts jump over the window [target - tolerance, target] (layers of one width
+round alike, so they all lose a multiple at the same sparsity), the search is redone with half
+the multiple, then with NNI's own counts, and the run prunes with the rounding that landed.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ class BudgetSearch:
     sparsity: float  # the smallest sparsity found whose model meets the target
     achieved: float  # that model's ratio, as the search measured it
     evaluations: list[dict] = field(default_factory=list)  # {sparsity, ratio}, in order
+    round_to: int | None = None  # the rounding that landed (pruner.round_to or a finer one)
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -106,6 +110,48 @@ def sparsity_for_budget(
     if found is None:
         return None
     kind, target = found
+    base_cost = _cost(model, kind, inputs.input_shape)
+    search, evaluations = None, []
+    for round_to in _roundings(pruner.round_to):
+        if search is not None:
+            log.info(
+                "budget.%s=%s: with round_to=%s the model lands at %.4f, outside the tolerance "
+                "%s; searching again with round_to=%s",
+                kind,
+                target,
+                search.round_to,
+                search.achieved,
+                budget.tolerance,
+                round_to,
+            )
+        rounded = dataclasses.replace(pruner, round_to=round_to)
+        search = _search(model, inputs, rounded, kind, target, budget, measure, base_cost)
+        evaluations += [entry | {"round_to": round_to} for entry in search.evaluations]
+        search.evaluations = evaluations
+        # A latency budget asks for at most the target only: measured ratios are too noisy
+        # for a window.
+        if kind == "latency" or target - search.achieved <= budget.tolerance:
+            break
+    return search
+
+
+def _roundings(round_to: int | None) -> list[int | None]:
+    """pruner.round_to, then half of it, then NNI's own counts."""
+    if not round_to:
+        return [None]
+    return list(dict.fromkeys([round_to, *([round_to // 2] if round_to > 1 else []), None]))
+
+
+def _search(
+    model: nn.Module,
+    inputs: StageInputs,
+    pruner: PrunerSettings,
+    kind: str,
+    target: float,
+    budget: BudgetSettings,
+    measure: MeasureSettings,
+    base_cost: float,
+) -> BudgetSearch:
     # With pruner.round_to every layer's count follows from the config list alone; without it
     # NNI allocates one total sparsity across layers by rank, so the statistics decide the
     # counts and the search prunes as the run will (and the run checks what it reached).
@@ -115,7 +161,6 @@ def sparsity_for_budget(
         else pruner
     )
     shape = inputs.input_shape
-    base_cost = _cost(model, kind, shape)
 
     def ratio_at(sparsity: float) -> float | None:
         try:
@@ -130,7 +175,9 @@ def sparsity_for_budget(
         return _cost(pruned, kind, shape) / base_cost
 
     sparsity, achieved, evaluations = bisect(ratio_at, target, budget.tolerance, f"budget.{kind}")
-    return BudgetSearch(kind, target, budget.tolerance, sparsity, achieved, evaluations)
+    return BudgetSearch(
+        kind, target, budget.tolerance, sparsity, achieved, evaluations, pruner.round_to
+    )
 
 
 def _cost(model: nn.Module, kind: str, shape: tuple[int, ...]) -> float:
