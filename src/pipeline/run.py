@@ -232,9 +232,12 @@ def prune_stages(
         )
         log.info("prune step %d/%d: %s", index, settings.pruner.iterations, row)
 
-    pruner = settings.pruner
-    if search is not None and search.round_to != pruner.round_to:
-        pruner = dataclasses.replace(pruner, round_to=search.round_to)
+    # The budget search may have landed only with a finer rounding than pruner.round_to.
+    pruner = (
+        settings.pruner
+        if search is None
+        else dataclasses.replace(settings.pruner, round_to=search.round_to)
+    )
     result = prune_in_steps(
         model,
         inputs,

@@ -111,28 +111,24 @@ def sparsity_for_budget(
         return None
     kind, target = found
     base_cost = _cost(model, kind, inputs.input_shape)
-    search, evaluations = None, []
+    evaluations = []
     for round_to in _roundings(pruner.round_to):
-        if search is not None:
-            log.info(
-                "budget.%s=%s: with round_to=%s the model lands at %.4f, outside the tolerance "
-                "%s; searching again with round_to=%s",
-                kind,
-                target,
-                search.round_to,
-                search.achieved,
-                budget.tolerance,
-                round_to,
-            )
         rounded = dataclasses.replace(pruner, round_to=round_to)
         search = _search(model, inputs, rounded, kind, target, budget, measure, base_cost)
         evaluations += [entry | {"round_to": round_to} for entry in search.evaluations]
-        search.evaluations = evaluations
         # A latency budget asks for at most the target only: measured ratios are too noisy
         # for a window.
         if kind == "latency" or target - search.achieved <= budget.tolerance:
             break
-    return search
+        log.info(
+            "budget.%s=%s: with round_to=%s the model lands at %.4f, outside the tolerance %s",
+            kind,
+            target,
+            round_to,
+            search.achieved,
+            budget.tolerance,
+        )
+    return dataclasses.replace(search, evaluations=evaluations)
 
 
 def _roundings(round_to: int | None) -> list[int | None]:
