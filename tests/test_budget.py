@@ -80,9 +80,11 @@ def test_a_rounding_that_jumps_over_the_window_is_refined(tiny, monkeypatch):
 
     step = {16: 0.1, 8: 0.05, None: 0.001}  # how far apart the reachable ratios lie
 
-    def fake_prune(model, inputs, pruner, sparsity):
+    def fake_prune(model, inputs, pruner, sparsity, dependencies=None):
         quantum = step[pruner.round_to]
-        return types.SimpleNamespace(model=(int((1 - sparsity) / quantum) * quantum,))
+        return types.SimpleNamespace(
+            model=(int((1 - sparsity) / quantum) * quantum,), dependencies=None
+        )
 
     def fake_cost(model, kind, shape):
         return 1.0 if isinstance(model, nn.Module) else model[0]

@@ -123,3 +123,59 @@ def test_batchnorm_is_re_estimated_after_the_steps_asked(
     assert len(widths) == expected
     # The last re-estimation is always on the final model.
     assert widths[-1] == record["pruned"]["params"]
+
+
+def _stepped(tiny, sparsity: float = 0.5):
+    from conftest import digits_inputs
+    from pipeline.stages.iterative import prune_in_steps
+
+    settings = tiny("pruner.iterations=3", "pruner.round_to=null")
+    torch.manual_seed(0)
+    model = mobilenet_v2(num_classes=10)
+    torch.manual_seed(1)
+    return prune_in_steps(model, digits_inputs(max_batches=2), settings.pruner, sparsity)
+
+
+def test_layer_dependencies_are_traced_once_and_prune_as_traced_every_step(tiny, monkeypatch):
+    from nni.algorithms.compression.v2.pytorch.pruning.tools.sparsity_allocator import (
+        DependencyAwareAllocator,
+    )
+
+    from pipeline.nni_adapter import LayerDependencies
+
+    traced = DependencyAwareAllocator._get_dependency
+    calls = []
+
+    def counted(allocator, dummy_input):
+        calls.append(1)
+        return traced(allocator, dummy_input)
+
+    monkeypatch.setattr(DependencyAwareAllocator, "_get_dependency", counted)
+    shared = _stepped(tiny)
+    assert len(calls) == 1
+    # Traced afresh at every step, as NNI does: the same masks and the same model.
+    monkeypatch.setattr(LayerDependencies, "fit", lambda self, model: False)
+    fresh = _stepped(tiny)
+    assert len(calls) == 1 + 3
+    assert shared.dependencies.channel == fresh.dependencies.channel
+    for ours, theirs in zip(shared.masks_by_step, fresh.masks_by_step, strict=True):
+        assert ours.keys() == theirs.keys()
+        for layer in ours:
+            assert torch.equal(ours[layer]["weight"], theirs[layer]["weight"]), layer
+    assert [p.shape for p in shared.model.parameters()] == [
+        p.shape for p in fresh.model.parameters()
+    ]
+
+
+def test_dependencies_hold_while_only_widths_change_not_a_channel_multiplier():
+    from pipeline.nni_adapter import layer_signature
+
+    def net(width: int, multiplier: int = 1) -> nn.Module:
+        return nn.Sequential(
+            nn.Conv2d(3, width, 1),
+            nn.Conv2d(width, width * multiplier, 3, groups=width),
+            nn.Conv2d(width * multiplier, 8, 1, groups=1),
+        )
+
+    assert layer_signature(net(32)) == layer_signature(net(16))
+    assert layer_signature(net(32, multiplier=2)) != layer_signature(net(16, multiplier=2))

@@ -227,3 +227,34 @@ def test_a_model_nni_cannot_take_fails_in_one_line_naming_it_and_the_operation(t
     assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
     assert lines[0].startswith("error: model.name=shufflenet_v2_x0_5: NNI 2.10.1's ")
     assert " at Conv2d at stage2.1.branch2.0 " in lines[0]
+
+
+@pytest.mark.parametrize("groups", ["ungrouped", "depthwise", "grouped"])
+def test_narrower_conv_rule_builds_what_nnis_own_rule_builds(groups):
+    from nni.compression.pytorch.speedup.compress_modules import replace_conv2d
+
+    from pipeline.nni_rules import replacement_rules
+
+    channels = 8
+    groups_count = {"ungrouped": 1, "depthwise": channels, "grouped": 2}[groups]
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(channels, channels, 3, padding=1, groups=groups_count, bias=True)
+    kept = torch.tensor([1, 0, 1, 1, 0, 1, 1, 1], dtype=torch.float)
+    if groups == "grouped":
+        kept = torch.ones(channels)
+        kept[[1, 5]] = 0  # one channel of each group, as NNI's group dependency asks
+    inputs = kept.view(1, -1, 1, 1).expand(2, channels, 4, 4).clone()
+    outputs = kept.view(1, -1, 1, 1).expand(2, channels, 4, 4).clone()
+    masks = ([inputs], outputs, {"weight": torch.ones_like(conv.weight)})
+
+    with torch.no_grad():  # as ModelSpeedup replaces modules
+        ours = replacement_rules(conv)["Conv2d"](conv, masks)
+        theirs = replace_conv2d(conv, masks)
+    assert (ours.in_channels, ours.out_channels, ours.groups) == (
+        theirs.in_channels,
+        theirs.out_channels,
+        theirs.groups,
+    )
+    assert torch.equal(ours.weight, theirs.weight) and torch.equal(ours.bias, theirs.bias)
+    x = torch.rand(2, ours.in_channels, 5, 5)
+    assert torch.equal(ours(x), theirs(x))

@@ -14,6 +14,7 @@ import functools
 import logging
 import warnings
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from unittest import mock
 
 import torch
@@ -28,6 +29,35 @@ from pipeline.training import cycled_batches, train_steps
 
 log = logging.getLogger(__name__)
 Masks = dict[str, dict[str, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class LayerDependencies:
+    """What NNI's dependency-aware pruner traces the model for: the layers whose output
+    channels are tied (by residual additions: they must be pruned alike) and the group count
+    each conv's channels must respect. Both follow from the graph and the convs' groups alone,
+    so they stay valid while pruning only narrows the layers: `signature` says for which
+    layers they were found."""
+
+    channel: list[set[str]]
+    group: dict[str, int]
+    signature: tuple
+
+    def fit(self, model: nn.Module) -> bool:
+        return self.signature == layer_signature(model)
+
+
+def layer_signature(model: nn.Module) -> tuple:
+    """The model's convs by name with what NNI's GroupDependency reads: depthwise (one group
+    per output channel: no constraint, however many) or else their group count. Pruning
+    channels changes neither, except for a depthwise conv with a channel multiplier, whose
+    groups follow its input."""
+    return tuple(
+        (name, "depthwise" if module.groups == module.out_channels else module.groups)
+        for name, module in model.named_modules()
+        if isinstance(module, (nn.Conv2d, nn.ConvTranspose2d))
+    )
+
 
 NNI_PLAIN_LOGGERS = ("FixMaskConflict", "Shape_Dependency", "torch apply compression")
 
@@ -106,10 +136,16 @@ def channel_masks(
     criterion: Callable,
     device: torch.device,
     input_shape: tuple[int, int, int],
-) -> Masks:
+    dependencies: LayerDependencies | None = None,
+) -> tuple[Masks, LayerDependencies | None]:
     """Rank output channels with the pruner class named by settings._target_ and return NNI's
     masks for the lowest-ranked ones; `model` keeps its layer shapes and its weights unless
-    settings.statistics is "nni" (NNI's evaluator trains it while it collects)."""
+    settings.statistics is "nni" (NNI's evaluator trains it while it collects).
+
+    In dependency_aware mode NNI traces the model to find which layers must be pruned alike;
+    `dependencies` found on an earlier, wider version of the same model (see
+    LayerDependencies.fit) spare that trace. The dependencies used are returned with the
+    masks (None in normal mode)."""
     import nni
     from nni.algorithms.compression.v2.pytorch import TorchEvaluator
 
@@ -140,8 +176,9 @@ def channel_masks(
     # NNI re-creates the optimizer for the wrapped model, so it must be traced.
     optimizer = nni.trace(torch.optim.Adam)(target.parameters(), lr=settings.lr)
     evaluator = TorchEvaluator(training_func, optimizer, criterion, dummy_input=dummy_input)
+    found: list[LayerDependencies] = []
     try:
-        with lean_tracing():
+        with lean_tracing(), known_dependencies(model, dependencies, found):
             pruner = pruner_class(
                 target,
                 config_list,
@@ -155,7 +192,31 @@ def channel_masks(
     except Exception as error:
         raise unsupported("pruner", error) from error
     pruner._unwrap_model()
-    return masks
+    return masks, (found[0] if found else None)
+
+
+@contextlib.contextmanager
+def known_dependencies(
+    model: nn.Module, known: LayerDependencies | None, found: list[LayerDependencies]
+) -> Iterator[None]:
+    """NNI's DependencyAwareAllocator given `known` when it fits `model` instead of tracing;
+    what it used lands in `found`."""
+    from nni.algorithms.compression.v2.pytorch.pruning.tools.sparsity_allocator import (
+        DependencyAwareAllocator,
+    )
+
+    traced = DependencyAwareAllocator._get_dependency
+
+    def get_dependency(allocator, dummy_input):
+        if known is not None and known.fit(model):
+            found.append(known)
+        else:
+            channel, group = traced(allocator, dummy_input)
+            found.append(LayerDependencies(channel, group, layer_signature(model)))
+        return found[-1].channel, found[-1].group
+
+    with mock.patch.object(DependencyAwareAllocator, "_get_dependency", get_dependency):
+        yield
 
 
 def _value(choice) -> str:

@@ -23,6 +23,7 @@ from pipeline.config import asked_budget
 from pipeline.data import StageInputs
 from pipeline.errors import ConfigError
 from pipeline.model_stats import count_macs, count_params
+from pipeline.nni_adapter import LayerDependencies
 from pipeline.schema import BudgetSettings, MeasureSettings, PrunerSettings
 from pipeline.stages.iterative import prune_in_steps
 
@@ -157,15 +158,21 @@ def _search(
         else pruner
     )
     shape = inputs.input_shape
+    # Every evaluation prunes the same model: NNI's layer dependencies are traced once.
+    known: list[LayerDependencies] = []
 
     def ratio_at(sparsity: float) -> float | None:
         try:
-            pruned = prune_in_steps(copy.deepcopy(model), inputs, cheap, sparsity).model
+            stepped = prune_in_steps(
+                copy.deepcopy(model), inputs, cheap, sparsity, dependencies=next(iter(known), None)
+            )
         except Exception as error:
             # NNI refuses a sparsity that leaves a layer no channel (its EmptyLayerError).
             if type(error).__name__ == "EmptyLayerError":
                 return None
             raise
+        known[:] = [stepped.dependencies] if stepped.dependencies else known
+        pruned = stepped.model
         if kind == "latency":
             return _latency_ratio(model, pruned, inputs, measure)
         return _cost(pruned, kind, shape) / base_cost

@@ -12,7 +12,7 @@ from torch import nn
 from pipeline.config_list import resolve_config_list
 from pipeline.data import StageInputs
 from pipeline.files import atomic_path
-from pipeline.nni_adapter import Masks, channel_masks
+from pipeline.nni_adapter import LayerDependencies, Masks, channel_masks
 from pipeline.schema import PrunerSettings
 
 
@@ -21,6 +21,8 @@ class PruneResult:
     model: nn.Module  # original layer shapes, NNI wrappers removed; speedup removes the channels
     masks: Masks
     config_list: list[dict[str, Any]]
+    # The layer dependencies NNI found (or was given); valid for the narrower model too.
+    dependencies: LayerDependencies | None = None
 
 
 def prune(
@@ -29,17 +31,20 @@ def prune(
     settings: PrunerSettings,
     sparsity: float,
     steps: int = 1,
+    dependencies: LayerDependencies | None = None,
 ) -> PruneResult:
     """Rank output channels and mask the lowest-ranked ones; with `steps` > 1, this call is one
-    of that many equal steps towards `sparsity`. inputs.loaders.train feeds the statistics."""
+    of that many equal steps towards `sparsity`. inputs.loaders.train feeds the statistics.
+    `dependencies` from an earlier prune of this model (or a wider version of it) spare NNI's
+    dependency trace."""
     config_list = resolve_config_list(
         settings.config_list, sparsity, settings.exclude_last_layer, model, settings.round_to, steps
     )
     model.to(inputs.device)
     if all(entry.get("exclude") for entry in config_list):
         # Rounding kept every channel (tiny sparsity, narrow layers): nothing to prune.
-        return PruneResult(model, {}, config_list)
-    masks = channel_masks(
+        return PruneResult(model, {}, config_list, dependencies)
+    masks, dependencies = channel_masks(
         model,
         config_list,
         settings,
@@ -47,8 +52,9 @@ def prune(
         inputs.criterion,
         inputs.device,
         inputs.input_shape,
+        dependencies,
     )
-    return PruneResult(model, masks, config_list)
+    return PruneResult(model, masks, config_list, dependencies)
 
 
 def save_masks(masks_by_step: list[Masks], path: Path) -> Path:
