@@ -159,19 +159,17 @@ def _search(
     )
     shape = inputs.input_shape
     # Every evaluation prunes the same model: NNI's layer dependencies are traced once.
-    known: list[LayerDependencies] = []
+    known: dict[str, LayerDependencies | None] = {"dependencies": None}
 
     def ratio_at(sparsity: float) -> float | None:
         try:
-            stepped = prune_in_steps(
-                copy.deepcopy(model), inputs, cheap, sparsity, dependencies=next(iter(known), None)
-            )
+            stepped = prune_in_steps(copy.deepcopy(model), inputs, cheap, sparsity, **known)
         except Exception as error:
             # NNI refuses a sparsity that leaves a layer no channel (its EmptyLayerError).
             if type(error).__name__ == "EmptyLayerError":
                 return None
             raise
-        known[:] = [stepped.dependencies] if stepped.dependencies else known
+        known["dependencies"] = stepped.dependencies or known["dependencies"]
         pruned = stepped.model
         if kind == "latency":
             return _latency_ratio(model, pruned, inputs, measure)
