@@ -123,6 +123,9 @@ def test_batchnorm_is_re_estimated_after_the_steps_asked(
     assert len(widths) == expected
     # The last re-estimation is always on the final model.
     assert widths[-1] == record["pruned"]["params"]
+    # Each step's row says whether its val accuracy had fresh statistics.
+    flags = [row["batchnorm_reestimated"] for row in record["pruning"]["steps"]]
+    assert flags == ([True] * 3 if recalibrate == "every_step" else [False, False, True])
 
 
 def _stepped(tiny, sparsity: float = 0.5):

@@ -222,12 +222,23 @@ def prune_stages(
             search.round_to,
         )
 
-    def after_step(index: int, current: torch.nn.Module) -> None:
+    def after_step(index: int, current: torch.nn.Module, recalibrated: bool) -> None:
         val = evaluate(current, inputs.loaders.val, inputs.criterion, inputs.device, "val")
-        row = {"step": index, "params": count_params(current), "val_accuracy": val.accuracy}
+        # Under pruner.recalibrate=last_step the steps before the last run on the unpruned
+        # network's BatchNorm statistics: their accuracy says little of what the step cost.
+        row = {
+            "step": index,
+            "params": count_params(current),
+            "val_accuracy": val.accuracy,
+            "batchnorm_reestimated": recalibrated,
+        }
         steps.append(row)
         monitor.tracker.log_metrics(
-            {"prune_step.params": row["params"], "prune_step.val_accuracy": val.accuracy},
+            {
+                "prune_step.params": row["params"],
+                "prune_step.val_accuracy": val.accuracy,
+                "prune_step.batchnorm_reestimated": float(recalibrated),
+            },
             step=index,
         )
         log.info("prune step %d/%d: %s", index, settings.pruner.iterations, row)

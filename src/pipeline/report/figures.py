@@ -441,7 +441,7 @@ def pruning_steps(models: list[Model], path: Path) -> Path | None:
     if not shown:
         return None
     figure, (params_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
-    last = 0
+    last, stale_shown = 0, False
     for model in shown:
         steps = model.record["pruning"]["steps"]
         last = max(last, len(steps))
@@ -453,11 +453,35 @@ def pruning_steps(models: list[Model], path: Path) -> Path | None:
         start = [max(row["val_accuracy"] for row in history)] if history else []
         accuracy = start + [row["val_accuracy"] for row in steps]
         acc_ax.plot(range(1 - len(start), len(steps) + 1), [100 * a for a in accuracy], **style)
+        # Steps whose BatchNorm statistics were not re-estimated (pruner.recalibrate=last_step):
+        # hollow, since their accuracy is that of stale statistics, not of the step.
+        stale = [row for row in steps if row.get("batchnorm_reestimated") is False]
+        if stale:
+            acc_ax.plot(
+                [row["step"] for row in stale],
+                [100 * row["val_accuracy"] for row in stale],
+                linestyle="none",
+                marker=style["marker"],
+                markersize=style["markersize"],
+                markerfacecolor="white",
+                markeredgecolor=style["color"],
+                zorder=6,
+            )
+            stale_shown = True
     params_ax.set(
         title="Parameters after each pruning step",
         xlabel="pruning step (0: baseline)",
         ylabel="parameters (millions)",
     )
+    if stale_shown:
+        acc_ax.text(
+            0.0,
+            -0.2,
+            "hollow: BatchNorm statistics not yet re-estimated (pruner.recalibrate=last_step)",
+            transform=acc_ax.transAxes,
+            fontsize=8,
+            va="top",
+        )
     acc_ax.set(
         title="Val accuracy after each step, before fine-tuning",
         xlabel="pruning step (0: baseline)",

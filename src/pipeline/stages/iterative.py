@@ -37,7 +37,7 @@ def prune_in_steps(
     settings: PrunerSettings,
     sparsity: float,
     stage: Callable[[str], AbstractContextManager] = _untimed,
-    on_step: Callable[[int, nn.Module], None] | None = None,
+    on_step: Callable[[int, nn.Module, bool], None] | None = None,
     dependencies: LayerDependencies | None = None,
 ) -> SteppedResult:
     """Prune a copy of `model` to `sparsity` in settings.iterations steps.
@@ -50,10 +50,11 @@ def prune_in_steps(
     alone: the stem and the 16-32 channel bottlenecks, which accuracy hangs on, are pruned less
     than in one-shot pruning and the wide layers as asked (on Fashion-MNIST at sparsity 0.5:
     1.08 M instead of 1.06 M parameters). `stage(name)` wraps the prune and the speedup part of
-    every step (the run's monitor times them); `on_step(index, model)` sees the model after
-    each step. NNI's layer dependencies are traced once (or taken from `dependencies`, found
-    on this model before) and given to every later step: pruning narrows layers but leaves the
-    graph as it was.
+    every step (the run's monitor times them); `on_step(index, model, recalibrated)` sees the
+    model after each step, and whether its BatchNorm statistics were re-estimated for it.
+    NNI's layer dependencies are traced once (or taken from `dependencies`, found on this
+    model before) and given to every later step: pruning narrows layers but leaves the graph
+    as it was.
     """
     current = copy.deepcopy(model)  # NNI prunes in place: keep the caller's model intact
     masks_by_step, config_list = [], []
@@ -69,5 +70,5 @@ def prune_in_steps(
         with stage("speedup"):
             current = speedup(pruned.model, pruned.masks, inputs, settings, last or every)
         if on_step is not None:
-            on_step(index, current)
+            on_step(index, current, last or every)
     return SteppedResult(current, masks_by_step, config_list, dependencies)
