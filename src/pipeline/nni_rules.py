@@ -75,7 +75,7 @@ def _narrower_conv(conv: nn.Conv2d, masks) -> nn.Module:
     depthwise = conv.groups == conv.in_channels == conv.out_channels
     if len(in_masks) != 1 or not (conv.groups == 1 or depthwise):
         return replace_conv2d(conv, masks)
-    _, kept_in = convert_to_coarse_mask(in_masks[0], 1)
+    kept_in = _kept(masks, 1)
     _, kept_out = convert_to_coarse_mask(output_mask, 1)
     if not len(kept_in) or not len(kept_out) or (depthwise and not torch.equal(kept_in, kept_out)):
         return replace_conv2d(conv, masks)

@@ -159,17 +159,20 @@ def _search(
     )
     shape = inputs.input_shape
     # Every evaluation prunes the same model: NNI's layer dependencies are traced once.
-    known: dict[str, LayerDependencies | None] = {"dependencies": None}
+    dependencies: LayerDependencies | None = None
 
     def ratio_at(sparsity: float) -> float | None:
+        nonlocal dependencies
         try:
-            stepped = prune_in_steps(copy.deepcopy(model), inputs, cheap, sparsity, **known)
+            stepped = prune_in_steps(
+                copy.deepcopy(model), inputs, cheap, sparsity, dependencies=dependencies
+            )
         except Exception as error:
             # NNI refuses a sparsity that leaves a layer no channel (its EmptyLayerError).
             if type(error).__name__ == "EmptyLayerError":
                 return None
             raise
-        known["dependencies"] = stepped.dependencies or known["dependencies"]
+        dependencies = stepped.dependencies or dependencies
         pruned = stepped.model
         if kind == "latency":
             return _latency_ratio(model, pruned, inputs, measure)

@@ -65,10 +65,11 @@ def prune_in_steps(
         # ModelSpeedup rewrites the masks it is given; keep this step's as the pruner made them.
         masks_by_step.append(copy.deepcopy(pruned.masks))
         config_list = pruned.config_list
-        last = index == settings.iterations
-        every = settings.recalibrate == Recalibration.every_step
+        recalibrate = (
+            index == settings.iterations or settings.recalibrate == Recalibration.every_step
+        )
         with stage("speedup"):
-            current = speedup(pruned.model, pruned.masks, inputs, settings, last or every)
+            current = speedup(pruned.model, pruned.masks, inputs, settings, recalibrate)
         if on_step is not None:
-            on_step(index, current, last or every)
+            on_step(index, current, recalibrate)
     return SteppedResult(current, masks_by_step, config_list, dependencies)
