@@ -143,8 +143,11 @@ def settings_for(
 
 
 def run_key(args: argparse.Namespace) -> str:
-    """Everything a cached row depends on besides its recipe, budget and seed."""
+    """Everything a cached row depends on besides its recipe, budget and seed: the arguments
+    and the project's resolved defaults (a changed default in conf/ starts fresh rows)."""
+    defaults = plain(settings_for(args, args.seeds[0], "default"))
     identity = {
+        "defaults": {key: defaults[key] for key in ("model", "pruner", "finetune", "measure")},
         "train_limit": args.train_limit,
         "baseline_epochs": args.baseline_epochs,
         "finetune_epochs": args.finetune_epochs,

@@ -64,3 +64,41 @@ def test_distillation_run_learns_from_the_baseline(tiny, tmp_path, monkeypatch):
     record = run(tiny("finetune=distill"), tmp_path / "run")
     assert calls, "fine-tuning never used the distillation loss"
     assert sum(p.numel() for p in calls[0].parameters()) == record["baseline"]["params"]
+
+
+def test_channels_last_training_learns_what_nchw_learns_and_returns_the_default_layout(tiny):
+    """NHWC is a speed setting: the same losses and weights as NCHW (to float rounding), and a
+    model handed on contiguous (safetensors refuses anything else; NNI traces it next)."""
+    import dataclasses
+
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from pipeline.data import Loaders
+    from pipeline.training import fit
+
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(48, 3, 8, 8), torch.randint(0, 3, (48,)))
+    settings = tiny().finetune
+    trained = {}
+    for channels_last in (False, True):
+        torch.manual_seed(1)
+        model = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 6, 3),
+            torch.nn.BatchNorm2d(6),
+            torch.nn.ReLU(),
+            torch.nn.AdaptiveAvgPool2d(1),
+            torch.nn.Flatten(),
+            torch.nn.Linear(6, 3),
+        )
+        loader = DataLoader(data, batch_size=16, shuffle=False)
+        choice = dataclasses.replace(settings, epochs=2, channels_last=channels_last)
+        trained[channels_last] = fit(
+            model, Loaders(loader, loader, loader), torch.nn.CrossEntropyLoss(), choice, "cpu"
+        )
+    nhwc, nchw = trained[True], trained[False]
+    assert nhwc.model[0].weight.is_contiguous()
+    assert not nhwc.model[0].weight.is_contiguous(memory_format=torch.channels_last)
+    for ours, theirs in zip(nhwc.history, nchw.history, strict=True):
+        assert abs(ours["train_loss"] - theirs["train_loss"]) < 1e-4
+    for name, value in nchw.model.state_dict().items():
+        torch.testing.assert_close(nhwc.model.state_dict()[name], value, atol=1e-4, rtol=1e-4)

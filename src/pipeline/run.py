@@ -69,7 +69,8 @@ def baseline_cache_path(settings: RunSettings) -> Path | None:
     training = {
         key: value
         for key, value in plain(settings)["baseline"].items()
-        if key not in ("checkpoint", "cache", "convergence")
+        # The memory layout changes float rounding, not the recipe (as the device does not).
+        if key not in ("checkpoint", "cache", "convergence", "channels_last")
     }
     key = cache_key(
         settings.model,

@@ -115,6 +115,7 @@ class TrainingSettings:
     optimizer: Any = MISSING  # a _partial_ _target_ node, called with (parameters, lr=lr)
     schedule: Schedule = MISSING
     warmup_epochs: int = MISSING
+    channels_last: bool = MISSING  # train in NHWC (the layout of weights and batches)
 
 
 @dataclass

@@ -87,6 +87,17 @@ def _progress(loader: Iterable, desc: str):
     )
 
 
+def batch_layout(channels_last: bool) -> torch.memory_format:
+    """The memory format of the training loop's weights and image batches."""
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def _on(images: torch.Tensor, device: torch.device, layout: torch.memory_format) -> torch.Tensor:
+    # channels_last exists for 4-D batches only; anything else keeps its layout.
+    layout = layout if images.dim() == 4 else torch.preserve_format
+    return images.to(device, non_blocking=True, memory_format=layout)
+
+
 def train_steps(
     model: nn.Module,
     loader: Iterable,
@@ -95,6 +106,7 @@ def train_steps(
     device: torch.device,
     desc: str = "train",
     distillation: Distillation | None = None,
+    layout: torch.memory_format = torch.contiguous_format,
 ) -> float:
     """One pass over the loader; returns the mean training loss."""
     model.train()
@@ -103,7 +115,7 @@ def train_steps(
     total_loss, seen = 0.0, 0
     bar = _progress(loader, desc)
     for images, labels in bar:
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        images, labels = _on(images, device, layout), labels.to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
         logits = model(images)
         if distillation is None:
@@ -154,6 +166,7 @@ def evaluate(
     criterion: Callable,
     device: torch.device,
     desc: str = "eval",
+    layout: torch.memory_format = torch.contiguous_format,
 ) -> EvalResult:
     model.eval()
     correct5 = seen = 0
@@ -163,7 +176,7 @@ def evaluate(
     truth: list[int] = []
     classes = 0
     for images, labels in _progress(loader, desc):
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        images, labels = _on(images, device, layout), labels.to(device, non_blocking=True)
         logits = model(images)
         total_loss += criterion(logits, labels).item() * len(labels)
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
@@ -216,8 +229,10 @@ def fit(
 ) -> FitResult:
     """Train for settings.epochs with settings.optimizer at settings.lr under settings.schedule,
     keeping the weights of the epoch with the best validation accuracy. The one training loop
-    of the baseline and fine-tuning stages."""
-    model.to(device)
+    of the baseline and fine-tuning stages. With settings.channels_last the loop runs in NHWC
+    (weights and batches); the model it returns is back in the default layout."""
+    layout = batch_layout(settings.channels_last)
+    model.to(device, memory_format=layout)
     optimizer = instantiate(settings.optimizer)(model.parameters(), lr=settings.lr)
     scheduler = lr_schedule(
         optimizer, settings.epochs, _name(settings.schedule), settings.warmup_epochs
@@ -230,11 +245,18 @@ def fit(
     epoch_bar = tqdm(range(1, epochs + 1), desc=desc, dynamic_ncols=True, disable=None)
     for epoch in epoch_bar:
         train_loss = train_steps(
-            model, loaders.train, criterion, optimizer, device, f"{desc} {epoch}", distillation
+            model,
+            loaders.train,
+            criterion,
+            optimizer,
+            device,
+            f"{desc} {epoch}",
+            distillation,
+            layout,
         )
         if scheduler is not None:
             scheduler.step()
-        val = evaluate(model, loaders.val, criterion, device, "val")
+        val = evaluate(model, loaders.val, criterion, device, "val", layout)
         record = {
             "epoch": epoch,
             "train_loss": train_loss,
@@ -258,6 +280,8 @@ def fit(
             best_accuracy = val.accuracy if not math.isnan(val.accuracy) else best_accuracy
             best_state = copy.deepcopy(model.state_dict())
             result.best_epoch = epoch
+    # Back to the layout every later stage expects (NNI's tracing, safetensors, export).
+    model.to(memory_format=torch.contiguous_format)
     if best_state is not None:
         model.load_state_dict(best_state)
     return result
