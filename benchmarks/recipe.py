@@ -373,8 +373,11 @@ def finetuned_and_measured(settings: RunSettings, prune) -> tuple[dict, dict]:
 def cached_row(path: Path, compute) -> dict:
     """The row stored at `path`, or computed now and stored (an interrupted benchmark resumes)."""
     if path.is_file():
-        return json.loads(path.read_text())
+        return json.loads(path.read_text()) | {"cached": True}
+    began = time.perf_counter()
     row = compute()
+    # Stored with the row, so that a benchmark resumed from cached rows still states its cost.
+    row["seconds"] = time.perf_counter() - began
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_suffix(".tmp")
     staging.write_text(json.dumps(row, indent=2))
@@ -568,6 +571,19 @@ def plot(entries: list[dict], baseline_accuracy: float, path: Path) -> Path:
     return path
 
 
+def cost_line(rows: list[dict], wall: float, trained_now: float | None) -> str:
+    """What the benchmark costs with the baseline cached: this run's wall time (less the
+    baseline's training, `trained_now`, where it trained) plus what the rows it found cached
+    took when they were computed."""
+    cached = [row for row in rows if row.get("cached")]
+    earlier = [row["seconds"] for row in cached if "seconds" in row]
+    text = f"cost with the baseline cached: {len(rows) - len(cached)} rows computed now"
+    if len(earlier) < len(cached):
+        return text + f", {len(cached) - len(earlier)} cached rows of unknown cost"
+    total = wall - (trained_now or 0.0) + sum(earlier)
+    return text + f", {len(cached)} cached rows that took {sum(earlier):.0f} s: {total:.0f} s"
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     common.quiet_warnings()
@@ -596,6 +612,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"pareto plot: {plot(entries, rows[0]['baseline_accuracy'], args.plot)}")
     wall = time.perf_counter() - began
     print(f"wall time {wall:.0f} s (rows cached under {args.output_root / 'rows'} are reused)")
+    print(cost_line(rows, wall, trained if info["source"] == "trained" else None))
     print(summary(entries))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -102,3 +102,46 @@ def test_a_rounding_that_jumps_over_the_window_is_refined(tiny, monkeypatch):
     assert {entry["round_to"] for entry in search.evaluations} == {16, 8}
     assert budget_stage._roundings(16) == [16, 8, None]
     assert budget_stage._roundings(None) == [None]
+
+
+def test_a_budget_run_prunes_exactly_as_its_sparsity_would_and_lands_where_its_probe_did(tiny):
+    """Without round_to the statistics decide the channel counts: each probe, and the run's
+    pruning after the search, rank on the same batches, so the run's model is the probe's
+    (one-shot NNI at MACs 0.25 once landed at 0.2502 after a probe at 0.2495)."""
+    import torch
+
+    from conftest import digits_inputs
+    from pipeline.model_stats import count_macs
+    from pipeline.models import mobilenet_v2
+    from pipeline.stages.budget import sparsity_for_budget
+    from pipeline.stages.iterative import prune_in_steps
+
+    settings = tiny("budget.macs=0.5", "pruner.round_to=null", "pruner.iterations=1")
+    torch.manual_seed(0)
+    model = mobilenet_v2(num_classes=10).eval()
+
+    def searched_then_pruned():
+        inputs = digits_inputs(seed=0)
+        torch.manual_seed(1)
+        search = sparsity_for_budget(
+            model, inputs, settings.pruner, settings.budget, settings.measure
+        )
+        return search, prune_in_steps(model, inputs, settings.pruner, search.sparsity)
+
+    def pruned_at(sparsity: float):
+        inputs = digits_inputs(seed=0)
+        torch.manual_seed(1)
+        return prune_in_steps(model, inputs, settings.pruner, sparsity)
+
+    found, after_search = searched_then_pruned()
+    alone = pruned_at(found.sparsity)
+    shape = (3, 32, 32)
+    macs = count_macs(after_search.model, shape) / count_macs(model, shape)
+    assert macs == pytest.approx(found.achieved, abs=1e-12)
+    assert 0.48 <= macs <= 0.5
+    assert len(found.evaluations) > 1  # the probes drew batches between
+    first, second = after_search.masks_by_step[0], alone.masks_by_step[0]
+    assert first.keys() == second.keys()
+    for name in first:
+        for kind in first[name]:
+            assert torch.equal(first[name][kind], second[name][kind]), (name, kind)

@@ -90,6 +90,21 @@ def test_aggregates_summary_and_plot(recipe, tmp_path):
     assert recipe.plot(entries, 0.9, tmp_path / "pareto.png").stat().st_size > 0
 
 
+def test_a_resumed_benchmark_states_the_cost_of_its_cached_rows(recipe, tmp_path):
+    path = tmp_path / "rows" / "default-b0.5-s1.json"
+    fresh = recipe.cached_row(path, lambda: {"accuracy": 0.9})
+    assert "cached" not in fresh and fresh["seconds"] >= 0
+    path.write_text('{"accuracy": 0.9, "seconds": 300.0}')
+    again = recipe.cached_row(path, lambda: pytest.fail("a cached row is not recomputed"))
+    assert again == {"accuracy": 0.9, "seconds": 300.0, "cached": True}
+    rows = [again, {"accuracy": 0.8, "seconds": 100.0}]
+    # 1,000 s of wall time of which the baseline's training took 600: 400 now, 300 earlier.
+    assert recipe.cost_line(rows, 1000.0, 600.0).endswith("took 300 s: 700 s")
+    assert recipe.cost_line(rows, 1000.0, None).endswith("took 300 s: 1300 s")
+    unknown = [{"accuracy": 0.9, "cached": True}]
+    assert "1 cached rows of unknown cost" in recipe.cost_line(unknown, 10.0, None)
+
+
 @pytest.mark.skipif(not HAS_TORCH_PRUNING, reason="needs the benchmarks extra (torch-pruning)")
 def test_torch_pruning_recipe_lands_in_the_macs_budget(recipe):
     """At MACs 0.25 channels rounded to 8 jump from 0.262 to 0.212 of the baseline's MACs: the

@@ -4,6 +4,9 @@ budget.params or budget.latency, a ratio of the baseline's) instead of a sparsit
 The cost of the pruned model falls as the sparsity rises, in steps (channel counts are whole
 numbers, rounded to pruner.round_to). Bisection over the sparsity finds the smallest one whose
 model costs at most the target; the run then prunes at that sparsity as it would at a given one.
+Every probe, and the run's pruning after the search, starts from the random state the search
+began with (the statistics batches, and the seeds): where the probes prune with the run's full
+settings, the run's model is the probe's, and a budget run prunes exactly as `sparsity=` would.
 Where rounded counts jump over the window [target - tolerance, target] (layers of one width
 round alike, so they all lose a multiple at the same sparsity), the search is redone with half
 the multiple, then with NNI's own counts, and the run prunes with the rounding that landed.
@@ -14,9 +17,12 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
+import torch
 from torch import nn
 
 from pipeline.config import asked_budget
@@ -112,10 +118,11 @@ def sparsity_for_budget(
         return None
     kind, target = found
     base_cost = _cost(model, kind, inputs.input_shape)
+    replay = _random_state_replay(inputs)
     evaluations = []
     for round_to in _roundings(pruner.round_to):
         rounded = dataclasses.replace(pruner, round_to=round_to)
-        search = _search(model, inputs, rounded, kind, target, budget, measure, base_cost)
+        search = _search(model, inputs, rounded, kind, target, budget, measure, base_cost, replay)
         evaluations += [entry | {"round_to": round_to} for entry in search.evaluations]
         # A latency budget asks for at most the target only: measured ratios are too noisy
         # for a window.
@@ -129,7 +136,32 @@ def sparsity_for_budget(
             search.achieved,
             budget.tolerance,
         )
+    replay()  # the run prunes from the state the search began with, as its probes did
     return dataclasses.replace(search, evaluations=evaluations)
+
+
+def _random_state_replay(inputs: StageInputs) -> Callable[[], None]:
+    """A function that puts back the random state as it is now: the training loader's
+    generator (which batches feed the statistics) and the global generators. Without it each
+    probe ranks on other batches than the last, and the run's pruning at the sparsity found
+    can land on other channel counts than its probe (one-shot NNI at MACs 0.25: probe 0.2495,
+    the run 0.2502, over the target)."""
+    loaders = getattr(inputs, "loaders", None)
+    generator = getattr(getattr(loaders, "train", None), "generator", None)
+    loader_state = None if generator is None else generator.get_state()
+    states = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+    cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+
+    def replay() -> None:
+        if generator is not None:
+            generator.set_state(loader_state)
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
+
+    return replay
 
 
 def _roundings(round_to: int | None) -> list[int | None]:
@@ -148,6 +180,7 @@ def _search(
     budget: BudgetSettings,
     measure: MeasureSettings,
     base_cost: float,
+    replay: Callable[[], None],
 ) -> BudgetSearch:
     # With pruner.round_to every layer's count follows from the config list alone; without it
     # NNI allocates one total sparsity across layers by rank, so the statistics decide the
@@ -163,6 +196,7 @@ def _search(
 
     def ratio_at(sparsity: float) -> float | None:
         nonlocal dependencies
+        replay()
         try:
             stepped = prune_in_steps(
                 copy.deepcopy(model), inputs, cheap, sparsity, dependencies=dependencies
