@@ -103,6 +103,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=12,
         help="finetune.epochs of every run (12: the whole benchmark within 2 hours on 2 cores)",
     )
+    parser.add_argument(
+        "--no-control",
+        action="store_true",
+        help="skip the control rows (for trying a recipe change; the table then cannot say "
+        "whether the baseline is converged)",
+    )
     parser.add_argument("--tp-steps", type=int, default=4, help="Torch-Pruning iterative_steps")
     parser.add_argument(
         "--tp-round-to",
@@ -401,6 +407,8 @@ def all_rows(args: argparse.Namespace, checkpoint: Path) -> list[dict]:
                 row = cached_row(folder / f"{name}.json", compute)
                 rows.append(row | {"recipe": recipe, "budget": budget, "seed": seed})
                 print(f"# done: {name}", file=sys.stderr, flush=True)
+        if args.no_control:
+            continue
         row = cached_row(
             folder / f"{CONTROL}-s{seed}.json",
             lambda seed=seed: control_row(args, seed, checkpoint),

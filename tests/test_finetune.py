@@ -102,3 +102,45 @@ def test_channels_last_training_learns_what_nchw_learns_and_returns_the_default_
         assert abs(ours["train_loss"] - theirs["train_loss"]) < 1e-4
     for name, value in nchw.model.state_dict().items():
         torch.testing.assert_close(nhwc.model.state_dict()[name], value, atol=1e-4, rtol=1e-4)
+
+
+def test_the_teacher_runs_in_the_students_layout_and_is_handed_back_contiguous(tiny):
+    """With channels_last a distillation teacher sees NHWC batches in NHWC weights, and the
+    baseline it is goes on to the measure stage in the default layout."""
+    import dataclasses
+
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from pipeline.data import Loaders
+    from pipeline.training import Distillation, fit
+
+    def small() -> torch.nn.Module:
+        return torch.nn.Sequential(
+            torch.nn.Conv2d(3, 6, 3),
+            torch.nn.AdaptiveAvgPool2d(1),
+            torch.nn.Flatten(),
+            torch.nn.Linear(6, 3),
+        )
+
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(32, 3, 8, 8), torch.randint(0, 3, (32,)))
+    loader = DataLoader(data, batch_size=16)
+    teacher = small()
+    layouts = []
+    teacher[0].register_forward_hook(
+        lambda module, args, out: layouts.append(
+            module.weight.is_contiguous(memory_format=torch.channels_last)
+        )
+    )
+    settings = dataclasses.replace(tiny().finetune, epochs=1, channels_last=True)
+    fit(
+        small(),
+        Loaders(loader, loader, loader),
+        torch.nn.CrossEntropyLoss(),
+        settings,
+        "cpu",
+        distillation=Distillation(teacher, alpha=0.5, temperature=2.0),
+    )
+    assert layouts and all(layouts)
+    assert teacher[0].weight.is_contiguous()
+    assert not teacher[0].weight.is_contiguous(memory_format=torch.channels_last)

@@ -233,6 +233,9 @@ def fit(
     (weights and batches); the model it returns is back in the default layout."""
     layout = batch_layout(settings.channels_last)
     model.to(device, memory_format=layout)
+    if distillation is not None:
+        # The teacher sees the same NHWC batches: in NCHW it would convert each one back.
+        distillation.teacher.to(device, memory_format=layout)
     optimizer = instantiate(settings.optimizer)(model.parameters(), lr=settings.lr)
     scheduler = lr_schedule(
         optimizer, settings.epochs, _name(settings.schedule), settings.warmup_epochs
@@ -282,6 +285,8 @@ def fit(
             result.best_epoch = epoch
     # Back to the layout every later stage expects (NNI's tracing, safetensors, export).
     model.to(memory_format=torch.contiguous_format)
+    if distillation is not None:
+        distillation.teacher.to(memory_format=torch.contiguous_format)
     if best_state is not None:
         model.load_state_dict(best_state)
     return result
