@@ -38,6 +38,9 @@ def test_rows_cache_key_follows_the_options(recipe):
     one = recipe.parse_args(["--train-limit", "300"])
     assert recipe.run_key(one) == recipe.run_key(recipe.parse_args(["--train-limit", "300"]))
     assert recipe.run_key(one) != recipe.run_key(recipe.parse_args(["--train-limit", "400"]))
+    # Which rows a run computes is not part of what they depend on: a probe's rows are reused.
+    probe = ["--train-limit", "300", "--recipes", "default", "--budgets", "0.5", "--no-control"]
+    assert recipe.run_key(recipe.parse_args(probe)) == recipe.run_key(one)
     assert recipe.run_key(one) != recipe.run_key(
         recipe.parse_args(["--train-limit=300", "finetune.lr=0.02"])
     )
