@@ -92,7 +92,7 @@ def test_a_rounding_that_jumps_over_the_window_is_refined(tiny, monkeypatch):
     monkeypatch.setattr(budget_stage, "prune_in_steps", fake_prune)
     monkeypatch.setattr(budget_stage, "_cost", fake_cost)
     settings = tiny("budget.macs=0.37", "pruner.round_to=16")
-    inputs = types.SimpleNamespace(input_shape=(3, 8, 8))
+    inputs = types.SimpleNamespace(input_shape=(3, 8, 8), loaders=types.SimpleNamespace(train=[]))
     search = budget_stage.sparsity_for_budget(
         nn.Linear(2, 2), inputs, settings.pruner, settings.budget, settings.measure
     )

@@ -71,6 +71,11 @@ def test_max_batches_caps_every_pass_of_every_loader():
     # Training still reshuffles each pass, so capped epochs see other images.
     assert order(loaders.train) != order(loaders.train)
     assert loaders.train.batch_size == 4  # NNI sizes its statistics budget from it
+    # The budget search replays the order's generator: a capped pass draws from the same one.
+    state = loaders.train.generator.get_state()
+    first = order(loaders.train)
+    loaders.train.generator.set_state(state)
+    assert order(loaders.train) == first
     uncapped = make_loaders(splits, batch_size=4, seed=1)
     assert len(uncapped.train) == 16 and len(list(uncapped.val)) == 5
 

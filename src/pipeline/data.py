@@ -56,12 +56,14 @@ class StageInputs:
 
 
 class FirstBatches:
-    """The first `count` batches of a loader, for every pass over it; `len` and `batch_size`
-    answer as a DataLoader's would. Tests cap every loop this way in one place."""
+    """The first `count` batches of a loader, for every pass over it; `len`, `batch_size` and
+    `generator` (which the budget search replays) answer as a DataLoader's would. Tests cap
+    every loop this way in one place."""
 
     def __init__(self, loader: DataLoader, count: int) -> None:
         self.loader, self.count = loader, count
         self.batch_size = loader.batch_size
+        self.generator = loader.generator
 
     def __iter__(self) -> Iterator:
         return islice(iter(self.loader), self.count)

@@ -146,8 +146,8 @@ def _random_state_replay(inputs: StageInputs) -> Callable[[], None]:
     probe ranks on other batches than the last, and the run's pruning at the sparsity found
     can land on other channel counts than its probe (one-shot NNI at MACs 0.25: probe 0.2495,
     the run 0.2502, over the target)."""
-    loaders = getattr(inputs, "loaders", None)
-    generator = getattr(getattr(loaders, "train", None), "generator", None)
+    # A DataLoader (or FirstBatches) has one; None where the order is not drawn.
+    generator = getattr(inputs.loaders.train, "generator", None)
     loader_state = None if generator is None else generator.get_state()
     states = (random.getstate(), np.random.get_state(), torch.get_rng_state())
     cuda_states = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
