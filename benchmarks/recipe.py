@@ -11,8 +11,8 @@ first seed; dataset.seed is pinned to it, so every seed shares the baseline, the
 test set, and the seed changes only the pruning statistics batches and the fine-tuning order).
 At each MACs budget B (a ratio of the baseline's MACs), for each seed:
 - reference: NNI one-shot pruning as it is (pruner.iterations=1, pruner.round_to=null,
-  pruner.statistics=nni, no BatchNorm re-estimation) and finetune=reference, with budget.macs=B
-  (the pipeline bisects the sparsity);
+  pruner.statistics=nni, pruner.activation=relu, no BatchNorm re-estimation) and
+  finetune=reference, with budget.macs=B (the pipeline bisects the sparsity);
 - default: the project's defaults with budget.macs=B;
 - torch_pruning: Torch-Pruning 1.6.1's magnitude pruning as its README recommends
   (tp.pruner.BasePruner, tp.importance.GroupMagnitudeImportance(p=2), the final Linear ignored,
@@ -23,7 +23,9 @@ At each MACs budget B (a ratio of the baseline's MACs), for each seed:
 and once per seed a control: the baseline itself fine-tuned with the same budget, unpruned. Every
 run fine-tunes for --finetune-epochs. Each run's row is cached as JSON under --output-root with
 the seconds it took, so an interrupted benchmark resumes where it stopped and still states its
-cost. --no-control skips the controls, for trying a recipe change.
+cost; rows are keyed by what their recipe resolves to (recipe_key), so a changed pruner default
+recomputes the default's and the reference's rows and keeps Torch-Pruning's and the controls'.
+--no-control skips the controls, for trying a recipe change.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ RECIPES = {
         "pruner.statistics=nni",
         "pruner.iterations=1",
         "pruner.recalibration_batches=0",
+        "pruner.activation=relu",
     ],
     "default": [],
     "torch_pruning": [],
@@ -155,20 +158,30 @@ def settings_for(
     return common.project_settings([*overrides, *args.overrides])
 
 
-def run_key(args: argparse.Namespace) -> str:
-    """Everything a cached row depends on besides its recipe, budget and seed: the arguments
-    and the project's resolved defaults (a changed default in conf/ starts fresh rows)."""
-    defaults = plain(settings_for(args, args.seeds[0], "default"))
+def recipe_key(args: argparse.Namespace, recipe: str) -> str:
+    """Everything the rows of `recipe` (or of the control) depend on besides budget and seed:
+    the arguments and the settings that recipe resolves to. torch_pruning and the control
+    share the pipeline's fine-tuning and measurement, not its pruner: a changed pruner default
+    in conf/ starts fresh rows for the recipes that prune with it, and keeps the others."""
+    prunes = recipe in PIPELINE_RECIPES
+    settings = plain(settings_for(args, args.seeds[0], recipe if prunes else "default"))
     identity = {
-        "defaults": {key: defaults[key] for key in ("model", "pruner", "finetune", "measure")},
+        "recipe": recipe,
+        # Resolved, overrides included; the seed of a row is in its name.
+        "settings": {
+            key: value
+            for key, value in settings.items()
+            if key != "seed" and (prunes or key != "pruner")
+        },
         "train_limit": args.train_limit,
         "baseline_epochs": args.baseline_epochs,
         "finetune_epochs": args.finetune_epochs,
         "baseline_seed": args.seeds[0],
-        "tp": [TP_VERSION, args.tp_steps, args.tp_round_to],
-        "overrides": args.overrides,
     }
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+    if recipe == "torch_pruning":
+        identity["tp"] = [TP_VERSION, args.tp_steps, args.tp_round_to]
+    text = json.dumps(identity, sort_keys=True, default=str)
+    return f"{recipe}-{hashlib.sha256(text.encode()).hexdigest()[:12]}"
 
 
 _SPLITS: dict[str, DataSplits] = {}
@@ -394,17 +407,19 @@ def cached_row(path: Path, compute) -> dict:
 
 
 def all_rows(args: argparse.Namespace, checkpoint: Path) -> list[dict]:
-    folder = args.output_root / "rows" / run_key(args)
+    rows_root = args.output_root / "rows"
+    folders = {name: rows_root / recipe_key(args, name) for name in [*args.recipes, CONTROL]}
     rows = []
     for seed in args.seeds:
         for budget in args.budgets:
             for recipe in args.recipes:
                 name = f"{recipe}-b{budget:g}-s{seed}"
+                folder = folders[recipe]
 
-                def compute(recipe=recipe, budget=budget, seed=seed, name=name) -> dict:
+                def compute(recipe=recipe, budget=budget, seed=seed, where=folder / name) -> dict:
                     if recipe == "torch_pruning":
                         return torch_pruning_row(args, budget, seed, checkpoint)
-                    return pipeline_row(args, recipe, budget, seed, checkpoint, folder / name)
+                    return pipeline_row(args, recipe, budget, seed, checkpoint, where)
 
                 row = cached_row(folder / f"{name}.json", compute)
                 rows.append(row | {"recipe": recipe, "budget": budget, "seed": seed})
@@ -412,7 +427,7 @@ def all_rows(args: argparse.Namespace, checkpoint: Path) -> list[dict]:
         if args.no_control:
             continue
         row = cached_row(
-            folder / f"{CONTROL}-s{seed}.json",
+            folders[CONTROL] / f"{CONTROL}-s{seed}.json",
             lambda seed=seed: control_row(args, seed, checkpoint),
         )
         rows.append(row | {"recipe": CONTROL, "budget": None, "seed": seed})

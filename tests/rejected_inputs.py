@@ -139,6 +139,11 @@ ROWS = [
     Rejected(
         "pruner-activation-unknown", lambda s: ["pruner.activation=tanh"], "pruner.activation"
     ),
+    Rejected(
+        "pruner-activation-magnitude-with-apoz",
+        lambda s: ["pruner=apoz", "pruner.activation=abs"],
+        "pruner.activation",
+    ),
     Rejected("pruner-confidence-too-small", lambda s: ["pruner.confidence=1"], "pruner.confidence"),
     Rejected("pruner-key-misspelt", lambda s: ["pruner.lrr=0.1"], "pruner.lrr"),
     # issue 12: a budget replaces the sparsity

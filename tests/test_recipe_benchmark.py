@@ -36,14 +36,23 @@ def test_overrides_after_a_list_option_are_not_read_as_its_values(recipe, tmp_pa
 
 def test_rows_cache_key_follows_the_options(recipe):
     one = recipe.parse_args(["--train-limit", "300"])
-    assert recipe.run_key(one) == recipe.run_key(recipe.parse_args(["--train-limit", "300"]))
-    assert recipe.run_key(one) != recipe.run_key(recipe.parse_args(["--train-limit", "400"]))
+    key = recipe.recipe_key
+    assert key(one, "default") == key(recipe.parse_args(["--train-limit", "300"]), "default")
+    assert key(one, "default") != key(recipe.parse_args(["--train-limit", "400"]), "default")
     # Which rows a run computes is not part of what they depend on: a probe's rows are reused.
     probe = ["--train-limit", "300", "--recipes", "default", "--budgets", "0.5", "--no-control"]
-    assert recipe.run_key(recipe.parse_args(probe)) == recipe.run_key(one)
-    assert recipe.run_key(one) != recipe.run_key(
-        recipe.parse_args(["--train-limit=300", "finetune.lr=0.02"])
-    )
+    assert key(recipe.parse_args(probe), "default") == key(one, "default")
+    finer = recipe.parse_args(["--train-limit=300", "finetune.lr=0.02"])
+    names = [*recipe.RECIPES, recipe.CONTROL]
+    assert len({key(one, name) for name in names}) == len(names)
+    assert all(key(one, name) != key(finer, name) for name in names)
+    # A pruner setting changes the rows that prune with the pipeline, not Torch-Pruning's and
+    # not the controls' (they share only fine-tuning and measurement with it).
+    pruner = recipe.parse_args(["--train-limit=300", "pruner.training_steps=7"])
+    assert key(one, "default") != key(pruner, "default")
+    assert key(one, "reference") != key(pruner, "reference")
+    assert key(one, "torch_pruning") == key(pruner, "torch_pruning")
+    assert key(one, recipe.CONTROL) == key(pruner, recipe.CONTROL)
 
 
 def made_up_row(recipe: str, budget: float | None, seed: int, accuracy: float) -> dict:

@@ -46,7 +46,7 @@ from pipeline.errors import ConfigError
         ),
         (
             "pruner.activation=tanh",
-            "pruner.activation='tanh' is not allowed; allowed values: relu, relu6, gelu",
+            "pruner.activation='tanh' is not allowed; allowed values: relu, relu6, gelu, abs",
         ),
         ("sparsity=1.2", "sparsity=1.2 is not allowed; allowed values: a number in (0, 1)"),
         ("sparsity=0", "sparsity=0.0 is not allowed; allowed values: a number in (0, 1)"),

@@ -56,6 +56,39 @@ def test_apoz_and_mean_rank_keep_different_channels(tiny):
     assert differ, "pruner=apoz and pruner=mean_rank kept exactly the same channels everywhere"
 
 
+def constant_channels(biases: list[float]) -> nn.Module:
+    """A conv whose output channel k is the constant biases[k] whatever the image, then a head."""
+    conv = nn.Conv2d(3, len(biases), 1)
+    nn.init.zeros_(conv.weight)
+    with torch.no_grad():
+        conv.bias.copy_(torch.tensor(biases))
+    return nn.Sequential(conv, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(len(biases), 10))
+
+
+@pytest.mark.parametrize(
+    ("activation", "kept"),
+    [
+        # relu ranks a strongly negative channel as silent: the four negatives go.
+        ("relu", [False] * 4 + [True] * 4),
+        # abs ranks it by what it carries: the four near zero go.
+        ("abs", [True] * 4 + [False] * 4),
+    ],
+)
+def test_mean_rank_ranks_by_the_activation_transform_asked_for(tiny, activation, kept):
+    settings = tiny(
+        "pruner=mean_rank",
+        f"pruner.activation={activation}",
+        "pruner.mode=normal",
+        "pruner.round_to=null",
+        "pruner.config_list=[{sparsity_per_layer: 0.5, op_types: [Conv2d]}]",
+    )
+    model = constant_channels([-5.0, -4.0, -3.0, -2.0, 0.1, 0.2, 0.3, 0.4])
+
+    result = prune_digits_model(settings, 0.5, model=model)
+
+    assert kept_channels(result.masks)["0"].tolist() == kept
+
+
 @pytest.mark.parametrize("kind", ["safetensors", "torch"])
 def test_run_from_a_checkpoint_evaluates_those_weights_and_trains_no_baseline(tiny, tmp_path, kind):
     torch.manual_seed(99)  # not the run's seed: a model the run would not build by itself

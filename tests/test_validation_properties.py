@@ -33,7 +33,7 @@ VALUES = {
     "sparsity": ["0.15", "0.5", "0", "1", "-0.2", "1.5", "abc", "null", "[1,2]", "${oops}"],
     "pruner": ["apoz", "mean_rank", "magnitude", "''"],
     "pruner.mode": ["normal", "dependency_aware", "greedy", "1"],
-    "pruner.activation": ["relu", "relu6", "gelu", "tanh"],
+    "pruner.activation": ["relu", "relu6", "gelu", "abs", "tanh"],
     "pruner.confidence": ["2", "8", "1", "0", "-3", "x", "2.5"],
     "pruner.iterations": ["1", "4", "0", "-1"],
     "pruner.round_to": ["null", "16", "0", "a"],

@@ -25,7 +25,7 @@ from pipeline.config_list import SPARSITY_KEYS
 from pipeline.data_layout import class_count
 from pipeline.errors import ConfigError
 from pipeline.preflight import check_tracking_server
-from pipeline.schema import RunSettings
+from pipeline.schema import Activation, RunSettings
 
 CONFIG_MODULE = "pipeline.conf"  # conf/ at the top of the repository, packaged under this name
 CONFIG_NAME = "config"
@@ -186,6 +186,7 @@ def settings_from(cfg: DictConfig) -> RunSettings:
             shown = value if isinstance(value, (int, float, str)) else "<given value>"
             raise ConfigError(f"{key}={shown!r} is not allowed; allowed values: {allowed}")
     check_config_list(OmegaConf.to_container(typed.pruner).get("config_list"))
+    check_activation(typed.pruner._target_, typed.pruner.activation)
     asked_budget(typed.budget)
     for key in TARGETS:
         found = check_target(key, OmegaConf.select(typed, key))
@@ -193,6 +194,23 @@ def settings_from(cfg: DictConfig) -> RunSettings:
         if node not in BUILT_BY_ADAPTER:
             check_arguments(node, found, OmegaConf.to_container(OmegaConf.select(typed, node)))
     return OmegaConf.to_object(typed)
+
+
+# Rankers that count a channel's zero outputs (APoZ): a magnitude is never zero, so under
+# pruner.activation=abs every channel would tie.
+COUNTS_ZEROS = ("ActivationAPoZRankPruner",)
+MAGNITUDE_ACTIVATIONS = ("abs",)
+
+
+def check_activation(target: str, activation: Any) -> None:
+    value = getattr(activation, "value", activation)
+    if target.rsplit(".", 1)[-1] in COUNTS_ZEROS and value in MAGNITUDE_ACTIVATIONS:
+        allowed = ", ".join(a.value for a in Activation if a.value not in MAGNITUDE_ACTIVATIONS)
+        raise ConfigError(
+            f"pruner.activation={value!r} is not allowed with pruner=apoz (it ranks channels by "
+            f"their share of zero outputs, and a magnitude is never zero); allowed values: "
+            f"{allowed}"
+        )
 
 
 def _failed_resolution(error: OmegaConfBaseException) -> str:

@@ -59,6 +59,10 @@ def layer_signature(model: nn.Module) -> tuple:
     )
 
 
+# pruner.activation values NNI 2.10.1 does not offer (it takes relu, relu6 and gelu): the pruner
+# is built with relu and given these instead; its hooks read the function at every batch.
+MAGNITUDES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"abs": torch.abs}
+
 NNI_PLAIN_LOGGERS = ("FixMaskConflict", "Shape_Dependency", "torch apply compression")
 
 
@@ -177,6 +181,7 @@ def channel_masks(
     optimizer = nni.trace(torch.optim.Adam)(target.parameters(), lr=settings.lr)
     evaluator = TorchEvaluator(training_func, optimizer, criterion, dummy_input=dummy_input)
     found: list[LayerDependencies] = []
+    activation = _value(settings.activation)
     try:
         with lean_tracing(), known_dependencies(model, dependencies, found):
             pruner = pruner_class(
@@ -184,10 +189,12 @@ def channel_masks(
                 config_list,
                 evaluator,
                 training_steps=nni_steps,
-                activation=_value(settings.activation),
+                activation="relu" if activation in MAGNITUDES else activation,
                 mode=_value(settings.mode),
                 dummy_input=dummy_input,
             )
+            if activation in MAGNITUDES:
+                pruner._activation = MAGNITUDES[activation]
             _, masks = pruner.compress()
     except Exception as error:
         raise unsupported("pruner", error) from error

@@ -26,6 +26,9 @@ class Activation(str, Enum):
     relu = "relu"
     relu6 = "relu6"
     gelu = "gelu"
+    # Not NNI's: a channel's mean |output|, so that outputs no ReLU follows (MobileNetV2's
+    # linear bottlenecks and residual streams) rank by what they carry of either sign.
+    abs = "abs"
 
 
 class Statistics(str, Enum):
