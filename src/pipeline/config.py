@@ -25,7 +25,7 @@ from pipeline.config_list import SPARSITY_KEYS
 from pipeline.data_layout import class_count
 from pipeline.errors import ConfigError
 from pipeline.preflight import check_tracking_server
-from pipeline.schema import Activation, RunSettings
+from pipeline.schema import NNI_ACTIVATIONS, RunSettings
 
 CONFIG_MODULE = "pipeline.conf"  # conf/ at the top of the repository, packaged under this name
 CONFIG_NAME = "config"
@@ -196,16 +196,15 @@ def settings_from(cfg: DictConfig) -> RunSettings:
     return OmegaConf.to_object(typed)
 
 
-# Rankers that count a channel's zero outputs (APoZ): a magnitude is never zero, so under
-# pruner.activation=abs every channel would tie.
+# Rankers that count a channel's zero outputs (APoZ): the project's magnitudes (abs) are never
+# zero, so under them every channel would tie; only NNI's own activations fit.
 COUNTS_ZEROS = ("ActivationAPoZRankPruner",)
-MAGNITUDE_ACTIVATIONS = ("abs",)
 
 
 def check_activation(target: str, activation: Any) -> None:
     value = getattr(activation, "value", activation)
-    if target.rsplit(".", 1)[-1] in COUNTS_ZEROS and value in MAGNITUDE_ACTIVATIONS:
-        allowed = ", ".join(a.value for a in Activation if a.value not in MAGNITUDE_ACTIVATIONS)
+    if target.rsplit(".", 1)[-1] in COUNTS_ZEROS and value not in NNI_ACTIVATIONS:
+        allowed = ", ".join(NNI_ACTIVATIONS)
         raise ConfigError(
             f"pruner.activation={value!r} is not allowed with pruner=apoz (it ranks channels by "
             f"their share of zero outputs, and a magnitude is never zero); allowed values: "

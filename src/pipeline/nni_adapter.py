@@ -24,7 +24,7 @@ from torch import nn
 from pipeline.errors import SpeedupError
 from pipeline.inference import fold_batchnorm
 from pipeline.nni_rules import channel_following_norms, replacement_rules, unsupported
-from pipeline.schema import PrunerSettings
+from pipeline.schema import NNI_ACTIVATIONS, PrunerSettings
 from pipeline.training import cycled_batches, train_steps
 
 log = logging.getLogger(__name__)
@@ -59,8 +59,8 @@ def layer_signature(model: nn.Module) -> tuple:
     )
 
 
-# pruner.activation values NNI 2.10.1 does not offer (it takes relu, relu6 and gelu): the pruner
-# is built with relu and given these instead; its hooks read the function at every batch.
+# pruner.activation values NNI 2.10.1 does not offer (schema.NNI_ACTIVATIONS): the pruner is
+# built with relu and given these instead; its hooks read the function at every batch.
 MAGNITUDES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"abs": torch.abs}
 
 NNI_PLAIN_LOGGERS = ("FixMaskConflict", "Shape_Dependency", "torch apply compression")
@@ -189,7 +189,7 @@ def channel_masks(
                 config_list,
                 evaluator,
                 training_steps=nni_steps,
-                activation="relu" if activation in MAGNITUDES else activation,
+                activation=activation if activation in NNI_ACTIVATIONS else "relu",
                 mode=_value(settings.mode),
                 dummy_input=dummy_input,
             )

@@ -31,6 +31,11 @@ class Activation(str, Enum):
     abs = "abs"
 
 
+# The pruner.activation values NNI 2.10.1's activation pruners take themselves; the others are
+# the project's (pipeline.nni_adapter.MAGNITUDES).
+NNI_ACTIVATIONS = (Activation.relu.value, Activation.relu6.value, Activation.gelu.value)
+
+
 class Statistics(str, Enum):
     activation = "activation"
     nni = "nni"
