@@ -32,11 +32,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import hashlib
 import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import _common as common
@@ -52,7 +54,7 @@ from pipeline.run import baseline_cache_path, resolve_device, run, seed_everythi
 from pipeline.schema import RunSettings
 from pipeline.stages.baseline import BaselineResult, baseline
 from pipeline.stages.budget import bisect
-from pipeline.stages.finetune import finetune
+from pipeline.stages.finetune import epochs_between_steps, finetune
 from pipeline.stages.measure import measure, quality
 
 # Hydra overrides of each recipe the pipeline runs; torch_pruning and the control take the
@@ -270,11 +272,18 @@ def pipeline_row(args, recipe: str, budget: float, seed: int, checkpoint: Path, 
 
 
 def torch_pruning_model(
-    model: nn.Module, ratio: float, shape: tuple[int, ...], steps: int, round_to: int | None
+    model: nn.Module,
+    ratio: float,
+    shape: tuple[int, ...],
+    steps: int,
+    round_to: int | None,
+    between: Callable[[int, nn.Module], None] | None = None,
 ) -> nn.Module:
     """Torch-Pruning's recommended magnitude pruning of a copy of `model`: BasePruner with
     GroupMagnitudeImportance(p=2) (group L2 norm), every layer at `ratio` of its channels in
-    `steps` iterative steps, the classifier's final Linear left whole."""
+    `steps` iterative steps, the classifier's final Linear left whole. `between(index, model)`
+    fine-tunes in place after every step but the last, where its README's loop says
+    "finetune your model here" (the pipeline's finetune.between_steps)."""
     import torch_pruning as tp
 
     model = copy.deepcopy(model).cpu().eval()
@@ -288,8 +297,11 @@ def torch_pruning_model(
         ignored_layers=[final],
         round_to=round_to,
     )
-    for _ in range(steps):
+    for index in range(1, steps + 1):
         pruner.step()
+        if between is not None and index < steps:
+            between(index, model)
+            model.cpu().eval()
     return model
 
 
@@ -316,11 +328,13 @@ def torch_pruning_to_budget(
     tolerance: float,
     steps: int,
     round_to: int,
+    between: Callable[[int, nn.Module], None] | None = None,
 ) -> tuple[nn.Module, dict]:
     """torch_pruning_model with its pruning_ratio bisected (pipeline.stages.budget.bisect) until
     the MACs ratio lands in [budget - tolerance, budget]. Channels rounded to `round_to` move
     many layers at once, so the ratio can jump across that window (MobileNetV2 at 0.25: 0.262
-    -> 0.212); the search then runs again unrounded (round_to 0: unrounded from the start)."""
+    -> 0.212); the search then runs again unrounded (round_to 0: unrounded from the start).
+    Widths do not depend on the weights, so the search prunes without `between`."""
     base_macs = count_macs(base, shape)
     count = 0
     for rounding in dict.fromkeys([round_to or None, None]):
@@ -333,19 +347,20 @@ def torch_pruning_to_budget(
         count += len(evaluations)
         if achieved >= budget - tolerance:
             break
-    model = torch_pruning_model(base, ratio, shape, steps, rounding)
+    model = torch_pruning_model(base, ratio, shape, steps, rounding, between)
     return model, {"sparsity": ratio, "evaluations": count, "tp_round_to": rounding}
 
 
 def torch_pruning_row(args, budget: float, seed: int, checkpoint: Path) -> dict:
     settings = settings_for(args, seed, "torch_pruning", [f"baseline.checkpoint={checkpoint}"])
 
-    def prune(base: nn.Module, inputs: StageInputs) -> tuple[nn.Module, dict]:
+    def prune(base: nn.Module, inputs: StageInputs, between) -> tuple[nn.Module, dict]:
         tolerance = settings.budget.tolerance
         steps, round_to = args.tp_steps, args.tp_round_to
-        return torch_pruning_to_budget(base, budget, inputs.input_shape, tolerance, steps, round_to)
+        shape = inputs.input_shape
+        return torch_pruning_to_budget(base, budget, shape, tolerance, steps, round_to, between)
 
-    measurements, extra = finetuned_and_measured(settings, prune)
+    measurements, extra = finetuned_and_measured(settings, prune, args.tp_steps)
     extra["met"] = measurements["pruned"]["macs"] / measurements["baseline"]["macs"] <= budget
     return row_from(measurements, **extra, search="benchmark")
 
@@ -353,16 +368,18 @@ def torch_pruning_row(args, budget: float, seed: int, checkpoint: Path) -> dict:
 def control_row(args, seed: int, checkpoint: Path) -> dict:
     settings = settings_for(args, seed, "default", [f"baseline.checkpoint={checkpoint}"])
 
-    def unpruned(base: nn.Module, inputs: StageInputs) -> tuple[nn.Module, dict]:
+    def unpruned(base: nn.Module, inputs: StageInputs, between) -> tuple[nn.Module, dict]:
         return copy.deepcopy(base), {"sparsity": 0.0, "evaluations": 0}
 
     measurements, extra = finetuned_and_measured(settings, unpruned)
     return row_from(measurements, **extra, met=True, search="none")
 
 
-def finetuned_and_measured(settings: RunSettings, prune) -> tuple[dict, dict]:
-    """pipeline.run's flow with `prune(baseline, inputs) -> (model, info)` as stages 2-3:
-    the same seeding per stage, the same fine-tuning and the same paired measurement."""
+def finetuned_and_measured(settings: RunSettings, prune, steps: int = 1) -> tuple[dict, dict]:
+    """pipeline.run's flow with `prune(baseline, inputs, between) -> (model, info)` as stages
+    2-3 in `steps` steps: the same seeding per stage, the same fine-tuning (between the steps
+    too: `between(index, model)` fine-tunes in place for finetune.between_steps epochs) and the
+    same paired measurement."""
     seed_everything(settings.seed)
     device = resolve_device(settings.device.value)
     baseline_inputs = stage_inputs(settings, settings.baseline.batch_size, device)
@@ -373,11 +390,24 @@ def finetuned_and_measured(settings: RunSettings, prune) -> tuple[dict, dict]:
     baseline_quality = quality(base, test_loader, baseline_inputs)
     seed_stage(settings.seed, "prune")
     cpu_inputs = stage_inputs(settings, settings.pruner.batch_size, torch.device("cpu"))
-    model, extra = prune(base, cpu_inputs)
+    between_epochs = epochs_between_steps(settings.finetune, steps)
+    step_settings = dataclasses.replace(settings.finetune, epochs=between_epochs)
+    between_seconds = []
+
+    def between(index: int, model: nn.Module) -> None:
+        seed_stage(settings.seed, f"finetune/step{index}")
+        began = time.perf_counter()
+        finetune(model, finetune_inputs, step_settings, teacher=base)
+        between_seconds.append(time.perf_counter() - began)
+
+    model, extra = prune(base, cpu_inputs, between if between_epochs else None)
     seed_stage(settings.seed, "finetune")
     began = time.perf_counter()
-    tuned = finetune(model.to(device), finetune_inputs, settings.finetune, teacher=base)
-    extra["finetune_seconds"] = time.perf_counter() - began
+    final = dataclasses.replace(
+        settings.finetune, epochs=settings.finetune.epochs - between_epochs * (steps - 1)
+    )
+    tuned = finetune(model.to(device), finetune_inputs, final, teacher=base)
+    extra["finetune_seconds"] = time.perf_counter() - began + sum(between_seconds)
     seed_stage(settings.seed, "measure")
     measurements = measure(
         base,

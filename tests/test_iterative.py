@@ -182,3 +182,74 @@ def test_dependencies_hold_while_only_widths_change_not_a_channel_multiplier():
 
     assert layer_signature(net(32)) == layer_signature(net(16))
     assert layer_signature(net(32, multiplier=2)) != layer_signature(net(16, multiplier=2))
+
+
+def test_fine_tuning_between_steps_takes_its_epochs_from_the_fine_tuning(
+    tiny, tmp_path, monkeypatch
+):
+    import pipeline.run as run_module
+
+    calls = []
+    real = run_module.finetune
+
+    def counted(model, inputs, settings, teacher=None, on_epoch=None):
+        calls.append((settings.epochs, sum(p.numel() for p in model.parameters())))
+        return real(model, inputs, settings, teacher=teacher, on_epoch=on_epoch)
+
+    monkeypatch.setattr(run_module, "finetune", counted)
+    overrides = ("pruner.iterations=3", "finetune.epochs=4", "finetune.between_steps=1")
+    record = run(tiny(*overrides), tmp_path / "run")
+    steps = record["pruning"]["steps"]
+    # One epoch after steps 1 and 2, each on the model that step left; the other two at the end.
+    assert calls == [(1, steps[0]["params"]), (1, steps[1]["params"]), (2, steps[2]["params"])]
+    assert len(record["finetune_history"]) == 2
+    assert [("finetuned_val_accuracy" in row) for row in steps] == [True, True, False]
+    assert record["pruning"]["finetune_between_steps"] == 1
+
+
+def test_the_next_step_prunes_the_model_fine_tuned_between_steps(tiny, monkeypatch):
+    import pipeline.stages.iterative as iterative
+
+    pruned_from = []
+    real = iterative.prune
+
+    def recorded(model, *args, **kwargs):
+        pruned_from.append(getattr(model, "tuned_after", None))
+        return real(model, *args, **kwargs)
+
+    def tune(index, model):
+        model.tuned_after = index  # stands for the fine-tuned weights
+        return model
+
+    monkeypatch.setattr(iterative, "prune", recorded)
+    from conftest import digits_inputs
+
+    settings = tiny("pruner.iterations=3")
+    iterative.prune_in_steps(
+        mobilenet_v2(num_classes=10),
+        digits_inputs(max_batches=2),
+        settings.pruner,
+        0.5,
+        between=tune,
+    )
+    assert pruned_from == [None, 1, 2]  # nothing after the last step
+
+
+@pytest.mark.parametrize(
+    ("epochs", "between", "iterations", "expected"),
+    [
+        (12, 1, 4, 1),  # 1 + 1 + 1 between the steps, 9 after the last
+        (12, 2, 4, 2),
+        (12, 4, 4, 0),  # would leave nothing for after the last step
+        (1, 1, 4, 0),  # short test runs fine-tune only at the end
+        (0, 1, 4, 0),
+        (12, 1, 1, 0),  # one-shot: no step between
+        (12, 0, 4, 0),
+    ],
+)
+def test_epochs_between_steps(epochs, between, iterations, expected):
+    from pipeline.schema import FinetuneSettings
+    from pipeline.stages.finetune import epochs_between_steps
+
+    settings = FinetuneSettings(epochs=epochs, between_steps=between)
+    assert epochs_between_steps(settings, iterations) == expected

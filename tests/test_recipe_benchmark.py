@@ -128,3 +128,22 @@ def test_torch_pruning_recipe_lands_in_the_macs_budget(recipe):
     assert 0.23 <= count_macs(pruned, shape) / base <= 0.25
     assert info["tp_round_to"] is None
     assert count_macs(model, shape) == base
+
+
+@pytest.mark.skipif(not HAS_TORCH_PRUNING, reason="needs the benchmarks extra (torch-pruning)")
+def test_torch_pruning_fine_tunes_between_its_steps_as_the_pipeline_does(recipe):
+    """finetune.between_steps reaches Torch-Pruning too: after every step but the last, on the
+    model that step left (its README's "finetune your model here")."""
+    shape = (3, 32, 32)
+    model = mobilenet_v2(num_classes=10, head=[1024, 512, 128])
+    seen = []
+
+    def between(index, pruned):
+        seen.append((index, count_macs(pruned, shape)))
+        pruned.features[0][0].weight.data.zero_()  # stands for fine-tuned weights
+
+    pruned = recipe.torch_pruning_model(model, 0.5, shape, 3, 8, between)
+    assert [index for index, _ in seen] == [1, 2]
+    assert count_macs(model, shape) > seen[0][1] > seen[1][1] > count_macs(pruned, shape)
+    # The later steps pruned the model the callback changed, not a copy of it.
+    assert not pruned.features[0][0].weight.any()

@@ -155,6 +155,7 @@ RANGES = [
     ("baseline.convergence.tolerance", lambda v: v >= 0, "a number >= 0"),
     ("finetune.epochs", lambda v: v >= 0, "an integer >= 0"),
     ("finetune.warmup_epochs", lambda v: v >= 0, "an integer >= 0"),
+    ("finetune.between_steps", lambda v: v >= 0, "an integer >= 0"),
     ("baseline.warmup_epochs", lambda v: v >= 0, "an integer >= 0"),
     ("finetune.distill.alpha", lambda v: v is None or 0 <= v <= 1, "a number in [0, 1]"),
     ("finetune.distill.temperature", lambda v: v is None or v > 0, "a number > 0"),

@@ -28,7 +28,7 @@ from pipeline.schema import RunSettings
 from pipeline.stages.baseline import baseline
 from pipeline.stages.budget import achieved as budget_achieved
 from pipeline.stages.budget import sparsity_for_budget
-from pipeline.stages.finetune import finetune
+from pipeline.stages.finetune import epochs_between_steps, finetune
 from pipeline.stages.iterative import prune_in_steps
 from pipeline.stages.measure import measure, quality
 from pipeline.stages.prune import save_masks
@@ -120,10 +120,27 @@ def run(settings: RunSettings, run_dir: Path, tracker: Tracker | None = None) ->
         if base.convergence is not None:
             tracker.set_tags({"baseline.converged": str(base.convergence.converged).lower()})
 
+        # finetune.between_steps epochs after each pruning step but the last, the rest after it.
+        between_epochs = epochs_between_steps(settings.finetune, settings.pruner.iterations)
+        final_epochs = settings.finetune.epochs - between_epochs * (settings.pruner.iterations - 1)
+
+        def tune_between(index: int, model: torch.nn.Module) -> tuple[torch.nn.Module, float]:
+            with monitor.stage("finetune"):
+                seed_stage(settings.seed, f"finetune/step{index}")
+                step_settings = dataclasses.replace(settings.finetune, epochs=between_epochs)
+                tuned = finetune(model, finetune_inputs, step_settings, teacher=base.model)
+            best = max(row["val_accuracy"] for row in tuned.history)
+            return tuned.model.to(prune_inputs.device), best
+
         seed_stage(settings.seed, "prune")
         try:
             pruned_model, pruning = prune_stages(
-                base.model, settings, prune_inputs, monitor, run_dir / "masks.safetensors"
+                base.model,
+                settings,
+                prune_inputs,
+                monitor,
+                run_dir / "masks.safetensors",
+                tune_between if between_epochs else None,
             )
         except UnsupportedModelError as error:
             raise UnsupportedModelError(f"{model_label(settings.model)}: {error}") from error
@@ -133,7 +150,7 @@ def run(settings: RunSettings, run_dir: Path, tracker: Tracker | None = None) ->
             tuned = finetune(
                 pruned_model,
                 finetune_inputs,
-                settings.finetune,
+                dataclasses.replace(settings.finetune, epochs=final_epochs),
                 teacher=base.model,
                 on_epoch=lambda row: tracker.log_metrics(
                     {
@@ -201,9 +218,12 @@ def prune_stages(
     inputs: StageInputs,
     monitor: StageMonitor,
     masks_path: Path,
+    tune_between=None,
 ) -> tuple[torch.nn.Module, dict]:
     """Stages 2 and 3 (in pruner.iterations steps), each step's size and validation accuracy
-    logged; returns the physically smaller model and a summary for measurements.json."""
+    logged; returns the physically smaller model and a summary for measurements.json.
+    `tune_between(index, model) -> (model, best val accuracy)` fine-tunes after every step but
+    the last (finetune.between_steps)."""
     steps = []
     sparsity, search = settings.sparsity, None
     if asked_budget(settings.budget) is not None:
@@ -250,6 +270,16 @@ def prune_stages(
         if search is None
         else dataclasses.replace(settings.pruner, round_to=search.round_to)
     )
+
+    def between(index: int, current: torch.nn.Module) -> torch.nn.Module:
+        tuned, accuracy = tune_between(index, current)
+        steps[-1]["finetuned_val_accuracy"] = accuracy
+        monitor.tracker.log_metrics({"prune_step.finetuned_val_accuracy": accuracy}, step=index)
+        log.info(
+            "prune step %d/%d: fine-tuned, val accuracy %.4f", index, pruner.iterations, accuracy
+        )
+        return tuned
+
     result = prune_in_steps(
         model,
         inputs,
@@ -257,12 +287,14 @@ def prune_stages(
         sparsity,
         stage=monitor.stage,
         on_step=after_step,
+        between=between if tune_between is not None else None,
     )
     save_masks(result.masks_by_step, masks_path)
     summary = {
         "config_list": result.config_list,
         "device": inputs.device.type,
         "iterations": settings.pruner.iterations,
+        "finetune_between_steps": 0 if tune_between is None else settings.finetune.between_steps,
         "steps": steps,
         "sparsity": sparsity,
         "budget": None if search is None else search.as_dict(),

@@ -148,6 +148,8 @@ class DistillSettings:
 @dataclass
 class FinetuneSettings(TrainingSettings):
     distill: DistillSettings | None = MISSING
+    # Epochs after each pruning step but the last, out of `epochs` (pipeline.stages.iterative).
+    between_steps: int = MISSING
 
 
 @dataclass

@@ -11,6 +11,15 @@ from pipeline.schema import FinetuneSettings
 from pipeline.training import Distillation, FitResult, fit
 
 
+def epochs_between_steps(settings: FinetuneSettings, iterations: int) -> int:
+    """Epochs of fine-tuning after each pruning step but the last: finetune.between_steps,
+    taken from finetune.epochs. 0 when the steps would take every epoch (a short test run,
+    finetune.epochs=0): the model after the last step is what users ship, so it keeps at least
+    one epoch."""
+    spent = settings.between_steps * (iterations - 1)
+    return settings.between_steps if 0 < spent < settings.epochs else 0
+
+
 def finetune(
     model: nn.Module,
     inputs: StageInputs,

@@ -1,5 +1,6 @@
 """Stages 2 and 3 in several steps: prune and speed up pruner.iterations times, each step
-removing the same fraction of what the last one left, and re-estimate BatchNorm statistics."""
+removing the same fraction of what the last one left, and re-estimate BatchNorm statistics;
+optionally fine-tune between the steps."""
 
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ def prune_in_steps(
     stage: Callable[[str], AbstractContextManager] = _untimed,
     on_step: Callable[[int, nn.Module, bool], None] | None = None,
     dependencies: LayerDependencies | None = None,
+    between: Callable[[int, nn.Module], nn.Module] | None = None,
 ) -> SteppedResult:
     """Prune a copy of `model` to `sparsity` in settings.iterations steps.
 
@@ -54,7 +56,8 @@ def prune_in_steps(
     model after each step, and whether its BatchNorm statistics were re-estimated for it.
     NNI's layer dependencies are traced once (or taken from `dependencies`, found on this
     model before) and given to every later step: pruning narrows layers but leaves the graph
-    as it was.
+    as it was. `between(index, model)`, after every step but the last, returns the model the
+    next step prunes (the run fine-tunes it there: finetune.between_steps).
     """
     current = copy.deepcopy(model)  # NNI prunes in place: keep the caller's model intact
     masks_by_step, config_list = [], []
@@ -72,4 +75,6 @@ def prune_in_steps(
             current = speedup(pruned.model, pruned.masks, inputs, settings, recalibrate)
         if on_step is not None:
             on_step(index, current, recalibrate)
+        if between is not None and index < settings.iterations:
+            current = between(index, current)
     return SteppedResult(current, masks_by_step, config_list, dependencies)
