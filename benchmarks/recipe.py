@@ -54,7 +54,7 @@ from pipeline.run import baseline_cache_path, resolve_device, run, seed_everythi
 from pipeline.schema import RunSettings
 from pipeline.stages.baseline import BaselineResult, baseline
 from pipeline.stages.budget import bisect
-from pipeline.stages.finetune import epochs_between_steps, finetune
+from pipeline.stages.finetune import finetune, split_epochs
 from pipeline.stages.measure import measure, quality
 
 # Hydra overrides of each recipe the pipeline runs; torch_pruning and the control take the
@@ -390,7 +390,7 @@ def finetuned_and_measured(settings: RunSettings, prune, steps: int = 1) -> tupl
     baseline_quality = quality(base, test_loader, baseline_inputs)
     seed_stage(settings.seed, "prune")
     cpu_inputs = stage_inputs(settings, settings.pruner.batch_size, torch.device("cpu"))
-    between_epochs = epochs_between_steps(settings.finetune, steps)
+    between_epochs, final_epochs = split_epochs(settings.finetune, steps)
     step_settings = dataclasses.replace(settings.finetune, epochs=between_epochs)
     between_seconds = []
 
@@ -403,9 +403,7 @@ def finetuned_and_measured(settings: RunSettings, prune, steps: int = 1) -> tupl
     model, extra = prune(base, cpu_inputs, between if between_epochs else None)
     seed_stage(settings.seed, "finetune")
     began = time.perf_counter()
-    final = dataclasses.replace(
-        settings.finetune, epochs=settings.finetune.epochs - between_epochs * (steps - 1)
-    )
+    final = dataclasses.replace(settings.finetune, epochs=final_epochs)
     tuned = finetune(model.to(device), finetune_inputs, final, teacher=base)
     extra["finetune_seconds"] = time.perf_counter() - began + sum(between_seconds)
     seed_stage(settings.seed, "measure")

@@ -249,7 +249,7 @@ def test_the_next_step_prunes_the_model_fine_tuned_between_steps(tiny, monkeypat
 )
 def test_epochs_between_steps(epochs, between, iterations, expected):
     from pipeline.schema import FinetuneSettings
-    from pipeline.stages.finetune import epochs_between_steps
+    from pipeline.stages.finetune import split_epochs
 
     settings = FinetuneSettings(epochs=epochs, between_steps=between)
-    assert epochs_between_steps(settings, iterations) == expected
+    assert split_epochs(settings, iterations) == (expected, epochs - expected * (iterations - 1))

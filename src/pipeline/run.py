@@ -28,7 +28,7 @@ from pipeline.schema import RunSettings
 from pipeline.stages.baseline import baseline
 from pipeline.stages.budget import achieved as budget_achieved
 from pipeline.stages.budget import sparsity_for_budget
-from pipeline.stages.finetune import epochs_between_steps, finetune
+from pipeline.stages.finetune import finetune, split_epochs
 from pipeline.stages.iterative import prune_in_steps
 from pipeline.stages.measure import measure, quality
 from pipeline.stages.prune import save_masks
@@ -121,8 +121,7 @@ def run(settings: RunSettings, run_dir: Path, tracker: Tracker | None = None) ->
             tracker.set_tags({"baseline.converged": str(base.convergence.converged).lower()})
 
         # finetune.between_steps epochs after each pruning step but the last, the rest after it.
-        between_epochs = epochs_between_steps(settings.finetune, settings.pruner.iterations)
-        final_epochs = settings.finetune.epochs - between_epochs * (settings.pruner.iterations - 1)
+        between_epochs, final_epochs = split_epochs(settings.finetune, settings.pruner.iterations)
 
         def tune_between(index: int, model: torch.nn.Module) -> tuple[torch.nn.Module, float]:
             with monitor.stage("finetune"):

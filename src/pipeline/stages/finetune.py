@@ -11,13 +11,14 @@ from pipeline.schema import FinetuneSettings
 from pipeline.training import Distillation, FitResult, fit
 
 
-def epochs_between_steps(settings: FinetuneSettings, iterations: int) -> int:
-    """Epochs of fine-tuning after each pruning step but the last: finetune.between_steps,
-    taken from finetune.epochs. 0 when the steps would take every epoch (a short test run,
-    finetune.epochs=0): the model after the last step is what users ship, so it keeps at least
-    one epoch."""
+def split_epochs(settings: FinetuneSettings, iterations: int) -> tuple[int, int]:
+    """finetune.epochs split into (epochs after each pruning step but the last, epochs after
+    the last). The first is finetune.between_steps, or 0 when the steps would take every epoch
+    (a short test run, finetune.epochs=0): the model after the last step is what users ship,
+    so it keeps at least one epoch."""
     spent = settings.between_steps * (iterations - 1)
-    return settings.between_steps if 0 < spent < settings.epochs else 0
+    between = settings.between_steps if 0 < spent < settings.epochs else 0
+    return between, settings.epochs - between * (iterations - 1)
 
 
 def finetune(
