@@ -40,6 +40,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import _common as common
 import torch
@@ -67,6 +68,7 @@ RECIPES = {
         "pruner.iterations=1",
         "pruner.recalibration_batches=0",
         "pruner.activation=relu",
+        "pruner.sparsity_scale=[]",
     ],
     "default": [],
     "torch_pruning": [],
@@ -160,6 +162,14 @@ def settings_for(
     return common.project_settings([*overrides, *args.overrides])
 
 
+def without_empty(value: Any) -> Any:
+    """`value` less the keys, at any depth, whose values are empty mappings or lists: an option
+    added to conf/ later with a value that changes nothing ({}) keeps the rows cached before."""
+    if isinstance(value, dict):
+        return {k: without_empty(v) for k, v in value.items() if v != {} and v != []}
+    return value
+
+
 def recipe_key(args: argparse.Namespace, recipe: str) -> str:
     """Everything the rows of `recipe` (or of the control) depend on besides budget and seed:
     the arguments and the settings that recipe resolves to. torch_pruning and the control
@@ -170,11 +180,13 @@ def recipe_key(args: argparse.Namespace, recipe: str) -> str:
     identity = {
         "recipe": recipe,
         # Resolved, overrides included; the seed of a row is in its name.
-        "settings": {
-            key: value
-            for key, value in settings.items()
-            if key != "seed" and (prunes or key != "pruner")
-        },
+        "settings": without_empty(
+            {
+                key: value
+                for key, value in settings.items()
+                if key != "seed" and (prunes or key != "pruner")
+            }
+        ),
         "train_limit": args.train_limit,
         "baseline_epochs": args.baseline_epochs,
         "finetune_epochs": args.finetune_epochs,

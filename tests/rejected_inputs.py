@@ -96,6 +96,11 @@ ROWS = [
         "pruner.config_list[0].op_names",
     ),
     Rejected(
+        "sparsity-scale-unknown-layer",
+        lambda s: ["pruner.sparsity_scale=[{layers:clasifier.*,factor:1.5}]"],
+        "pruner.sparsity_scale",
+    ),
+    Rejected(
         "finetune-optimizer-missing",
         lambda s: ["finetune.optimizer._target_=torch.optim.Nope"],
         "finetune.optimizer._target_",

@@ -8,7 +8,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from pipeline.config_list import resolve_config_list, step_sparsity
+from pipeline.config_list import MAX_LAYER_SPARSITY, resolve_config_list, step_sparsity
+from pipeline.errors import ConfigError
 from pipeline.models import mobilenet_v2
 from pipeline.monitor import StageMonitor
 from pipeline.run import run
@@ -253,3 +254,47 @@ def test_epochs_between_steps(epochs, between, iterations, expected):
 
     settings = FinetuneSettings(epochs=epochs, between_steps=between)
     assert split_epochs(settings, iterations) == (expected, epochs - expected * (iterations - 1))
+
+
+def kept_widths(model: nn.Module, entries: list[dict]) -> dict[str, int]:
+    widths = {}
+    for entry in entries:
+        if entry.get("exclude"):
+            continue
+        (name,) = entry["op_names"]
+        layer = model.get_submodule(name)
+        width = getattr(layer, "out_channels", None) or layer.out_features
+        widths[name] = width - int(entry["sparsity_per_layer"] * width)
+    return widths
+
+
+def test_sparsity_scale_multiplies_the_sparsity_of_the_layers_it_names():
+    model = mobilenet_v2(num_classes=10)
+    scales = {"classifier.*": 1.5, "features.1?.conv.2": 0.0}
+    kept = kept_widths(model, resolve_config_list(None, 0.5, True, model, 16, 1, scales))
+    # classifier: sparsity 0.75 -> 1024 * 0.25 = 256 kept; the rest at 0.5: 1280 -> 640.
+    assert kept["classifier.0"] == 256 and kept["classifier.3"] == 128
+    assert kept["features.18.0"] == 640 and kept["features.2.conv.0.0"] == 48
+    assert not {f"features.{i}.conv.2" for i in range(10, 18)} & set(kept)  # spared
+    assert "features.5.conv.2" in kept  # one digit: not matched by features.1?.conv.2
+    assert "classifier.9" not in kept  # the last layer stays excluded
+    # Without rounding: one exact entry per layer, depthwise convolutions still left out.
+    exact = resolve_config_list(None, 0.5, True, model, None, 2, {"classifier.*": 1.5})
+    shares = {e["op_names"][0]: e["sparsity_per_layer"] for e in exact if not e.get("exclude")}
+    assert math.isclose(shares["classifier.0"], step_sparsity(0.75, 2))
+    assert math.isclose(shares["features.18.0"], step_sparsity(0.5, 2))
+    assert "features.2.conv.1.0" not in shares
+
+
+def test_sparsity_scale_caps_a_layer_and_rejects_a_pattern_that_names_none():
+    model = mobilenet_v2(num_classes=10)
+    entries = resolve_config_list(None, 0.5, True, model, None, 1, {"features.18.0": 10.0})
+    capped = next(e for e in entries if e.get("op_names") == ["features.18.0"])
+    assert capped["sparsity_per_layer"] == MAX_LAYER_SPARSITY
+    with pytest.raises(ConfigError, match=r"^pruner.sparsity_scale: layers='clasifier\.\*'"):
+        resolve_config_list(None, 0.5, True, model, 16, 1, {"clasifier.*": 1.5})
+    # The first pattern that matches a layer decides its factor.
+    first = resolve_config_list(
+        None, 0.5, True, model, 16, 1, {"classifier.0": 0, "classifier.*": 1.5}
+    )
+    assert "classifier.0" not in kept_widths(model, first)

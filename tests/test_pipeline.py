@@ -131,6 +131,19 @@ def test_round_to_keeps_multiples_and_depthwise_follows(tiny):
     assert pruned(torch.zeros(2, *DIGITS_SHAPE)).shape == (2, 10)
 
 
+def test_sparsity_scale_reaches_the_masks(tiny):
+    settings = tiny(
+        "pruner.round_to=16",
+        "pruner.sparsity_scale=[{layers:classifier.*,factor:0},{layers:features.18.0,factor:1.8}]",
+    )
+    result = prune_digits_model(settings, 0.3)
+    assert result.masks and not any(name.startswith("classifier") for name in result.masks)
+    rows = result.masks["features.18.0"]["weight"].flatten(1).abs().sum(dim=1) > 0
+    assert int(rows.sum()) == 592  # sparsity 0.54: 0.46 * 1280 = 589 -> 592, a multiple of 16
+    rows = result.masks["features.17.conv.0.0"]["weight"].flatten(1).abs().sum(dim=1) > 0
+    assert int(rows.sum()) == 672  # 0.7 * 960, unscaled
+
+
 def test_sparsity_too_small_to_round_prunes_nothing(tiny):
     settings = tiny("pruner.round_to=16")
     model = torch.nn.Sequential(

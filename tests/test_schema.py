@@ -12,7 +12,8 @@ from pipeline.errors import ConfigError
             "pruner.lrr=0.1",
             "pruner.lrr is not a setting; allowed keys: _target_, mode, activation, training_steps,"
             " batch_size, statistics, lr, config_list, exclude_last_layer, confidence,"
-            " pruning_on_cuda, round_to, iterations, recalibration_batches, recalibrate,"
+            " pruning_on_cuda, round_to, sparsity_scale, iterations, recalibration_batches,"
+            " recalibrate,"
             " trace_input_size",
         ),
         ("baseline.epochs=x", "baseline.epochs='x' is not allowed; allowed values: an integer"),
@@ -58,6 +59,12 @@ from pipeline.errors import ConfigError
         (
             "pruner.iterations=0",
             "pruner.iterations=0 is not allowed; allowed values: an integer >= 1",
+        ),
+        (
+            "pruner.sparsity_scale=[{layers:classifier.*,factor:-1}]",
+            "pruner.sparsity_scale='<given value>' is not allowed; allowed values: a list of "
+            "{layers: <fnmatch pattern>, factor: <number >= 0>}, e.g. "
+            "[{layers: 'classifier.*', factor: 1.5}]",
         ),
         (
             "pruner.recalibration_batches=-1",

@@ -146,6 +146,12 @@ RANGES = [
     ("pruner.iterations", lambda v: v >= 1, "an integer >= 1"),
     ("pruner.recalibration_batches", lambda v: v >= 0, "an integer >= 0"),
     ("pruner.round_to", lambda v: v is None or v >= 1, "null or an integer >= 1"),
+    (
+        "pruner.sparsity_scale",
+        lambda v: all(_number(s.factor) and s.factor >= 0 for s in v),
+        "a list of {layers: <fnmatch pattern>, factor: <number >= 0>}, e.g. "
+        "[{layers: 'classifier.*', factor: 1.5}]",
+    ),
     ("pruner.trace_input_size", lambda v: v is None or v >= 8, "null or an integer >= 8"),
     ("finetune.batch_size", lambda v: v >= 1, "an integer >= 1"),
     ("baseline.batch_size", lambda v: v >= 1, "an integer >= 1"),

@@ -19,7 +19,7 @@ from pipeline.errors import (
     WeightsUnavailableError,
     first_line,
 )
-from pipeline.schema import RunSettings
+from pipeline.schema import LayerScale, PrunerSettings, RunSettings
 
 # An unreachable server must fail in seconds, not after MLflow's two minutes of retries.
 SERVER_TIMEOUT_S = 3.0
@@ -38,6 +38,24 @@ def check_inputs(settings: RunSettings) -> None:
     for key, path in checkpoints:
         check_checkpoint_fits(key, path, model)
     check_layer_names(layer_names, model)
+    check_sparsity_scale(settings.pruner, model)
+
+
+def check_sparsity_scale(pruner: PrunerSettings, model: Any) -> None:
+    """pruner.sparsity_scale scales the default config list, and each pattern names a layer."""
+    from pipeline.config_list import scaled_sparsity
+    from pipeline.models import output_layer_name
+
+    scales = LayerScale.as_mapping(pruner.sparsity_scale)
+    if not scales:
+        return
+    if pruner.config_list is not None:
+        raise ConfigError(
+            "pruner.sparsity_scale scales the default config list, and pruner.config_list is "
+            "given (set each layer's sparsity there); allowed values: [] with a config_list"
+        )
+    skip = {output_layer_name(model)} if pruner.exclude_last_layer else set()
+    scaled_sparsity(model, 0.5, scales, skip)
 
 
 def check_runtime(runtime: str) -> None:

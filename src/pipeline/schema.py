@@ -93,6 +93,16 @@ class Metric(str, Enum):
 
 
 @dataclass
+class LayerScale:
+    layers: str = MISSING  # an fnmatch pattern over layer names: classifier.*, features.1?.conv.2
+    factor: float = MISSING  # the layers' sparsity is multiplied by it
+
+    @staticmethod
+    def as_mapping(scales: list[LayerScale]) -> dict[str, float]:
+        return {scale.layers: scale.factor for scale in scales}
+
+
+@dataclass
 class PrunerSettings:
     # The NNI pruner class (ActivationMeanRankPruner, ...); conf/pruner/<name>.yaml sets it.
     _target_: str = MISSING
@@ -107,6 +117,10 @@ class PrunerSettings:
     confidence: int = MISSING
     pruning_on_cuda: bool = MISSING
     round_to: int | None = MISSING
+    # Factors on the sparsity of the layers whose names match a pattern. A list, not a mapping:
+    # Hydra merges a mapping given on the command line into the (struct) one, and layer names
+    # hold dots. Not MISSING: OmegaConf leaves a MISSING list missing when conf/ merges [] in.
+    sparsity_scale: list[LayerScale] = field(default_factory=list)
     iterations: int = MISSING
     recalibration_batches: int = MISSING
     recalibrate: Recalibration = MISSING

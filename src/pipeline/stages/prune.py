@@ -13,7 +13,7 @@ from pipeline.config_list import resolve_config_list
 from pipeline.data import StageInputs
 from pipeline.files import atomic_path
 from pipeline.nni_adapter import LayerDependencies, Masks, channel_masks
-from pipeline.schema import PrunerSettings
+from pipeline.schema import LayerScale, PrunerSettings
 
 
 @dataclass
@@ -38,7 +38,13 @@ def prune(
     `dependencies` from an earlier prune of this model (or a wider version of it) spare NNI's
     dependency trace."""
     config_list = resolve_config_list(
-        settings.config_list, sparsity, settings.exclude_last_layer, model, settings.round_to, steps
+        settings.config_list,
+        sparsity,
+        settings.exclude_last_layer,
+        model,
+        settings.round_to,
+        steps,
+        LayerScale.as_mapping(settings.sparsity_scale),
     )
     model.to(inputs.device)
     if all(entry.get("exclude") for entry in config_list):
