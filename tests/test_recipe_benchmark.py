@@ -53,6 +53,15 @@ def test_rows_cache_key_follows_the_options(recipe):
     assert key(one, "reference") != key(pruner, "reference")
     assert key(one, "torch_pruning") == key(pruner, "torch_pruning")
     assert key(one, recipe.CONTROL) == key(pruner, recipe.CONTROL)
+    # Empty settings leave the key as it was before they existed (rows stay cached), and the
+    # reference pins pruner.sparsity_scale empty whatever the default says.
+    empty = recipe.parse_args(["--train-limit=300", "pruner.sparsity_scale=[]"])
+    assert all(key(one, name) == key(empty, name) for name in names)
+    assert recipe.without_empty({"a": {}, "b": {"c": [], "d": 0}, "e": None}) == {
+        "b": {"d": 0},
+        "e": None,
+    }
+    assert "pruner.sparsity_scale=[]" in recipe.RECIPES["reference"]
 
 
 def made_up_row(recipe: str, budget: float | None, seed: int, accuracy: float) -> dict:
