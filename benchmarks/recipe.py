@@ -57,6 +57,7 @@ from pipeline.stages.baseline import BaselineResult, baseline
 from pipeline.stages.budget import bisect
 from pipeline.stages.finetune import finetune, split_epochs
 from pipeline.stages.measure import measure, quality
+from pipeline.tracking import cpu_model
 
 # Hydra overrides of each recipe the pipeline runs; torch_pruning and the control take the
 # project's defaults for everything they share with it (fine-tuning and measurement).
@@ -431,12 +432,29 @@ def finetuned_and_measured(settings: RunSettings, prune, steps: int = 1) -> tupl
     return measurements, extra
 
 
-def cached_row(path: Path, compute) -> dict:
-    """The row stored at `path`, or computed now and stored (an interrupted benchmark resumes)."""
+def provenance(checkpoint: Path) -> dict:
+    """Where rows are computed: the baseline file they start from, the CPU, torch. Rows from
+    another machine or another baseline (the same cache key, trained elsewhere) differ in
+    their float rounding (at MACs 0.25 the default lost 1.29 points on one CPU, 1.77 on
+    another) and in their latencies: one table must not mix them."""
+    digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()[:16]
+    return {"baseline_sha256": digest, "cpu": cpu_model(), "torch": torch.__version__}
+
+
+def cached_row(path: Path, compute, origin: dict) -> dict:
+    """The row stored at `path`, or computed now and stored (an interrupted benchmark resumes).
+    A stored row with another `origin` (provenance) is computed again; rows stored before rows
+    recorded their provenance are kept."""
     if path.is_file():
-        return json.loads(path.read_text()) | {"cached": True}
+        row = json.loads(path.read_text())
+        stored = row.get("provenance")
+        if stored is None or stored == origin:
+            return row | {"cached": True}
+        changed = ", ".join(key for key in origin if stored.get(key) != origin[key])
+        print(f"# {path.name}: computed with another {changed}: computing again", file=sys.stderr)
     began = time.perf_counter()
     row = compute()
+    row["provenance"] = origin
     # Stored with the row, so that a benchmark resumed from cached rows still states its cost.
     row["seconds"] = time.perf_counter() - began
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -449,6 +467,7 @@ def cached_row(path: Path, compute) -> dict:
 def all_rows(args: argparse.Namespace, checkpoint: Path) -> list[dict]:
     rows_root = args.output_root / "rows"
     folders = {name: rows_root / recipe_key(args, name) for name in [*args.recipes, CONTROL]}
+    origin = provenance(checkpoint)
     rows = []
     for seed in args.seeds:
         for budget in args.budgets:
@@ -461,7 +480,7 @@ def all_rows(args: argparse.Namespace, checkpoint: Path) -> list[dict]:
                         return torch_pruning_row(args, budget, seed, checkpoint)
                     return pipeline_row(args, recipe, budget, seed, checkpoint, where)
 
-                row = cached_row(folder / f"{name}.json", compute)
+                row = cached_row(folder / f"{name}.json", compute, origin)
                 rows.append(row | {"recipe": recipe, "budget": budget, "seed": seed})
                 print(f"# done: {name}", file=sys.stderr, flush=True)
         if args.no_control:
@@ -469,6 +488,7 @@ def all_rows(args: argparse.Namespace, checkpoint: Path) -> list[dict]:
         row = cached_row(
             folders[CONTROL] / f"{CONTROL}-s{seed}.json",
             lambda seed=seed: control_row(args, seed, checkpoint),
+            origin,
         )
         rows.append(row | {"recipe": CONTROL, "budget": None, "seed": seed})
         print(f"# done: {CONTROL}-s{seed}", file=sys.stderr, flush=True)
@@ -669,6 +689,13 @@ def main(argv: list[str] | None = None) -> None:
         f"(dataset.seed={args.seeds[0]} for all: one baseline, split and test set; the seed "
         "changes the pruning statistics batches and the fine-tuning order); ratios are "
         "pruned / baseline, means over seeds; lost pts = baseline - pruned accuracy"
+    )
+    origin = provenance(info["path"])
+    unrecorded = sum("provenance" not in row for row in rows)
+    print(
+        f"# computed on {origin['cpu']}, torch {origin['torch']}, baseline file sha256 "
+        f"{origin['baseline_sha256']}"
+        + (f" ({unrecorded} cached rows predate recorded provenance)" if unrecorded else "")
     )
     print(HEADER)
     for entry in entries:

@@ -113,10 +113,11 @@ def test_aggregates_summary_and_plot(recipe, tmp_path):
 
 def test_a_resumed_benchmark_states_the_cost_of_its_cached_rows(recipe, tmp_path):
     path = tmp_path / "rows" / "default-b0.5-s1.json"
-    fresh = recipe.cached_row(path, lambda: {"accuracy": 0.9})
-    assert "cached" not in fresh and fresh["seconds"] >= 0
-    path.write_text('{"accuracy": 0.9, "seconds": 300.0}')
-    again = recipe.cached_row(path, lambda: pytest.fail("a cached row is not recomputed"))
+    here = {"baseline_sha256": "ab", "cpu": "this CPU", "torch": "2.x"}
+    fresh = recipe.cached_row(path, lambda: {"accuracy": 0.9}, here)
+    assert "cached" not in fresh and fresh["seconds"] >= 0 and fresh["provenance"] == here
+    path.write_text('{"accuracy": 0.9, "seconds": 300.0}')  # stored before provenance was
+    again = recipe.cached_row(path, lambda: pytest.fail("a cached row is not recomputed"), here)
     assert again == {"accuracy": 0.9, "seconds": 300.0, "cached": True}
     rows = [again, {"accuracy": 0.8, "seconds": 100.0}]
     # 1,000 s of wall time of which the baseline's training took 600: 400 now, 300 earlier.
@@ -124,6 +125,23 @@ def test_a_resumed_benchmark_states_the_cost_of_its_cached_rows(recipe, tmp_path
     assert recipe.cost_line(rows, 1000.0, None).endswith("took 300 s: 1300 s")
     unknown = [{"accuracy": 0.9, "cached": True}]
     assert "1 cached rows of unknown cost" in recipe.cost_line(unknown, 10.0, None)
+
+
+def test_rows_from_another_machine_or_baseline_are_computed_again(recipe, tmp_path, capsys):
+    path = tmp_path / "default-b0.5-s1.json"
+    there = {"baseline_sha256": "ab", "cpu": "another CPU", "torch": "2.x"}
+    recipe.cached_row(path, lambda: {"accuracy": 0.8}, there)
+    here = there | {"cpu": "this CPU"}
+    row = recipe.cached_row(path, lambda: {"accuracy": 0.9}, here)
+    assert row["accuracy"] == 0.9 and "cached" not in row and row["provenance"] == here
+    assert "computed with another cpu: computing again" in capsys.readouterr().err
+    same = recipe.cached_row(path, lambda: pytest.fail("same provenance: cached"), here)
+    assert same["cached"] and same["accuracy"] == 0.9
+    checkpoint = tmp_path / "baseline.safetensors"
+    checkpoint.write_bytes(b"weights")
+    origin = recipe.provenance(checkpoint)
+    checkpoint.write_bytes(b"other weights")
+    assert recipe.provenance(checkpoint)["baseline_sha256"] != origin["baseline_sha256"]
 
 
 @pytest.mark.skipif(not HAS_TORCH_PRUNING, reason="needs the benchmarks extra (torch-pruning)")

@@ -76,7 +76,7 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
 def environment_tags() -> dict[str, str]:
     tags = {
         "host": socket.gethostname(),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "torch_version": torch.__version__,
         # From the package metadata: importing torchvision costs ~2 s of a rejected run's exit.
         "torchvision_version": _version("torchvision"),
@@ -101,7 +101,7 @@ def _version(package: str) -> str:
         return "not installed"
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
