@@ -464,10 +464,9 @@ def cached_row(path: Path, compute, origin: dict) -> dict:
     return row
 
 
-def all_rows(args: argparse.Namespace, checkpoint: Path) -> list[dict]:
+def all_rows(args: argparse.Namespace, checkpoint: Path, origin: dict) -> list[dict]:
     rows_root = args.output_root / "rows"
     folders = {name: rows_root / recipe_key(args, name) for name in [*args.recipes, CONTROL]}
-    origin = provenance(checkpoint)
     rows = []
     for seed in args.seeds:
         for budget in args.budgets:
@@ -676,7 +675,8 @@ def main(argv: list[str] | None = None) -> None:
         require_torch_pruning()  # before the baseline, not hours later
     began = time.perf_counter()
     info = ensure_baseline(args)
-    rows = all_rows(args, info["path"])
+    origin = provenance(info["path"])  # hashed once: every row and the output name it
+    rows = all_rows(args, info["path"], origin)
     entries = aggregate(rows)
     order = {name: index for index, name in enumerate([*RECIPES, CONTROL])}
     entries.sort(key=lambda e: (e["budget"] is None, -(e["budget"] or 0), order[e["recipe"]]))
@@ -690,7 +690,6 @@ def main(argv: list[str] | None = None) -> None:
         "changes the pruning statistics batches and the fine-tuning order); ratios are "
         "pruned / baseline, means over seeds; lost pts = baseline - pruned accuracy"
     )
-    origin = provenance(info["path"])
     unrecorded = sum("provenance" not in row for row in rows)
     print(
         f"# computed on {origin['cpu']}, torch {origin['torch']}, baseline file sha256 "

@@ -127,12 +127,12 @@ def per_layer_config_list(
 
 def rounded_config_list(
     model: nn.Module,
-    sparsity: float | Callable[[str], float],
+    sparsity_of: Callable[[str], float],
     round_to: int,
     skip: set[str | None],
 ) -> list[dict[str, Any]]:
     """Per-layer sparsities that keep the multiple of `round_to` nearest to (1 - sparsity) * C
-    channels (at least `round_to`, at most C); `sparsity` may be a function of the layer's name.
+    channels (at least `round_to`, at most C), sparsity = sparsity_of(the layer's name).
 
     Vectorised kernels block channels (oneDNN on AVX-512 by 16), and odd counts fall off the
     fast paths: benchmarks/latency.py showed NNI's own counts making MobileNetV2 slower at
@@ -143,7 +143,6 @@ def rounded_config_list(
     independently removes the union of two channel sets, about 1 - (1 - s)^2 of the channels,
     at odd counts.
     """
-    sparsity_of = sparsity if callable(sparsity) else (lambda name: sparsity)
     entries = []
     for name, channels in prunable_layers(model, skip).items():
         multiples = math.floor((1.0 - sparsity_of(name)) * channels / round_to + 0.5)  # nearest
