@@ -171,13 +171,32 @@ def without_empty(value: Any) -> Any:
     return value
 
 
+# Options added to conf/ after rows were cached, at the value that leaves a run as it was:
+# settings at that value stay out of a row's key, so those rows stay valid.
+ADDED_NEUTRAL = {("finetune", "dropout"): "keep"}
+
+
+def without_neutral(settings: dict) -> dict:
+    """`settings` less the ADDED_NEUTRAL options that hold their neutral value."""
+    kept = {
+        key: dict(value) if isinstance(value, dict) else value for key, value in settings.items()
+    }
+    for (section, option), neutral in ADDED_NEUTRAL.items():
+        value = kept.get(section, {}).get(option)
+        if value is not None and getattr(value, "value", value) == neutral:
+            del kept[section][option]
+    return kept
+
+
 def recipe_key(args: argparse.Namespace, recipe: str) -> str:
     """Everything the rows of `recipe` (or of the control) depend on besides budget and seed:
     the arguments and the settings that recipe resolves to. torch_pruning and the control
     share the pipeline's fine-tuning and measurement, not its pruner: a changed pruner default
     in conf/ starts fresh rows for the recipes that prune with it, and keeps the others."""
     prunes = recipe in PIPELINE_RECIPES
-    settings = plain(settings_for(args, args.seeds[0], recipe if prunes else "default"))
+    settings = without_neutral(
+        plain(settings_for(args, args.seeds[0], recipe if prunes else "default"))
+    )
     identity = {
         "recipe": recipe,
         # Resolved, overrides included; the seed of a row is in its name.

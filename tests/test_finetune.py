@@ -1,5 +1,11 @@
-import torch
+import copy
+import math
 
+import torch
+from torch import nn
+
+from pipeline.models import mobilenet_v2
+from pipeline.stages.finetune import scale_dropout
 from pipeline.training import Distillation, lr_schedule
 
 
@@ -144,3 +150,64 @@ def test_the_teacher_runs_in_the_students_layout_and_is_handed_back_contiguous(t
     assert layouts and all(layouts)
     assert teacher[0].weight.is_contiguous()
     assert not teacher[0].weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_scaled_dropout_follows_the_weights_kept_in_the_layer_each_dropout_feeds():
+    """Han et al. 2015: rate * sqrt(kept / original weights) of the next layer that runs."""
+    base = mobilenet_v2(num_classes=10, weights="none", head=[1024, 512, 128], dropout=0.5)
+    pruned = copy.deepcopy(base)
+    head = pruned.classifier
+    head[0], head[3], head[6], head[9] = (
+        nn.Linear(1280, 400),
+        nn.Linear(400, 208),
+        nn.Linear(208, 48),
+        nn.Linear(48, 10),
+    )
+    changed = scale_dropout(pruned, base, (3, 32, 32))
+    expected = {
+        "classifier.2": 0.5 * math.sqrt(400 * 208 / (1024 * 512)),
+        "classifier.5": 0.5 * math.sqrt(208 * 48 / (512 * 128)),
+        "classifier.8": 0.5 * math.sqrt(48 * 10 / (128 * 10)),
+    }
+    assert {name: new for name, (_, new) in changed.items()} == expected
+    assert [head[i].p for i in (2, 5, 8)] == list(expected.values())
+    assert base.classifier[2].p == 0.5  # the baseline keeps its own
+    # From the original's rates, not the current ones: a second call changes nothing.
+    assert scale_dropout(pruned, base, (3, 32, 32)) == {}
+    assert scale_dropout(copy.deepcopy(base), base, (3, 32, 32)) == {}
+
+
+class _DeclaredOutOfOrder(nn.Module):
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.fc = nn.Linear(hidden, 3)  # declared first, runs last
+        self.body = nn.Linear(4, hidden)
+        self.drop = nn.Dropout(0.4)
+
+    def forward(self, x):
+        return self.fc(self.drop(self.body(x.flatten(1))))
+
+
+def test_scaled_dropout_follows_the_forward_order_not_the_declaration_order():
+    original, pruned = _DeclaredOutOfOrder(8), _DeclaredOutOfOrder(2)
+    assert scale_dropout(pruned, original, (4,)) == {"drop": (0.4, 0.4 * math.sqrt(2 / 8))}
+    assert pruned.training  # the probing forward pass leaves the mode as it was
+
+
+def test_fine_tuning_with_scaled_dropout_lowers_the_pruned_heads_rates(tiny, tmp_path, monkeypatch):
+    import pipeline.stages.finetune as stage
+    from pipeline.run import run
+
+    seen = []
+    original = stage.fit
+
+    def spied(model, *args, **kwargs):
+        seen.append(sorted(m.p for m in model.modules() if isinstance(m, nn.Dropout)))
+        return original(model, *args, **kwargs)
+
+    monkeypatch.setattr(stage, "fit", spied)
+    run(tiny("sparsity=0.5", "finetune.dropout=scaled"), tmp_path / "scaled")
+    run(tiny("sparsity=0.5", "finetune.dropout=keep"), tmp_path / "keep")
+    scaled, kept = seen
+    assert scaled and all(rate < 0.5 for rate in scaled)
+    assert set(kept) == {0.5}

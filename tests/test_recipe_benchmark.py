@@ -62,6 +62,18 @@ def test_rows_cache_key_follows_the_options(recipe):
         "e": None,
     }
     assert "pruner.sparsity_scale=[]" in recipe.RECIPES["reference"]
+    # So do options added later at the value that changes nothing (finetune=reference keeps
+    # the model's dropout rates); another value is another key.
+    keep = recipe.parse_args(["--train-limit=300", "finetune.dropout=keep"])
+    assert key(one, "reference") == key(keep, "reference")
+    assert all(key(one, name) != key(keep, name) for name in names if name != "reference")
+    assert recipe.without_neutral({"finetune": {"dropout": "keep", "lr": 0.1}, "x": 1}) == {
+        "finetune": {"lr": 0.1},
+        "x": 1,
+    }
+    assert recipe.without_neutral({"finetune": {"dropout": "scaled"}}) == {
+        "finetune": {"dropout": "scaled"}
+    }
 
 
 def made_up_row(recipe: str, budget: float | None, seed: int, accuracy: float) -> dict:

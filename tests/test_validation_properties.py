@@ -50,6 +50,7 @@ VALUES = {
     "pruner.lrr": ["0.1"],
     "finetune.epochs": ["0", "3", "-1", "x"],
     "finetune.between_steps": ["0", "1", "-1"],
+    "finetune.dropout": ["keep", "scaled", "halved"],
     "finetune.optimizer._target_": ["torch.optim.Adam", "torch.optim.Nope", "nope.Opt", "os.path"],
     "criterion._target_": ["torch.nn.CrossEntropyLoss", "nope.Loss", "torch.nn"],
     "baseline.lr": ["0.01", "abc", "null"],

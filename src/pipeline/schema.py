@@ -53,6 +53,15 @@ class Schedule(str, Enum):
     cosine = "cosine"
 
 
+class DropoutRule(str, Enum):
+    """The dropout rates a pruned model fine-tunes with."""
+
+    keep = "keep"  # the model's own
+    # Han et al. 2015: each rate times the square root of the share of connections kept in
+    # the layer its units feed (pipeline.stages.finetune.scale_dropout).
+    scaled = "scaled"
+
+
 class Runtime(str, Enum):
     eager = "eager"
     jit_freeze = "jit_freeze"
@@ -164,6 +173,7 @@ class FinetuneSettings(TrainingSettings):
     distill: DistillSettings | None = MISSING
     # Epochs after each pruning step but the last, out of `epochs` (pipeline.stages.iterative).
     between_steps: int = MISSING
+    dropout: DropoutRule = MISSING
 
 
 @dataclass
