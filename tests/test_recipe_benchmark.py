@@ -112,9 +112,17 @@ def test_aggregates_summary_and_plot(recipe, tmp_path):
     for entry in entries:
         assert recipe.format_entry(entry)
     line = recipe.summary(entries)
-    assert "MACs 0.5: default loses 0.90 pts" in line
-    assert "MACs 0.35: default/reference loss 0.153" in line  # 0.9 / 5.9
-    assert "0.25: +1.00" in line  # default - torch_pruning
+    assert "MACs 0.5: default loses 0.90 pts (target <= 0.5: MISSED)" in line
+    assert "MACs 0.35: default/reference loss 0.153 (0.90/5.90 pts; target <= 0.333: met)" in line
+    assert "0.25: +1.00 (seeds +1.00/+1.00: ahead at every seed)" in line  # default - tp
+    # Seeds that disagree on the sign are said to.
+    mixed = [dict(row) for row in rows]
+    for row in mixed:
+        if row["recipe"] == "torch_pruning" and row["budget"] == 0.5:
+            row["change_points"] += 2.0 if row["seed"] == 0 else -2.0
+    assert "0.5: +1.00 (seeds -1.00/+3.00: seeds disagree)" in recipe.summary(
+        recipe.aggregate(mixed)
+    )
     info = {"convergence": {"converged": True, "reason": "flat"}}
     assert "the baseline is not converged" in recipe.control_line(entries, info)
     damaging = recipe.aggregate([made_up_row("control", None, seed, 0.895) for seed in (0, 1)])
