@@ -12,11 +12,11 @@ test set, and the seed changes only the pruning statistics batches and the fine-
 At each MACs budget B (a ratio of the baseline's MACs), for each seed:
 - reference: NNI one-shot pruning as it is (pruner.iterations=1, pruner.round_to=null,
   pruner.statistics=nni, pruner.activation=relu, no BatchNorm re-estimation) and
-  finetune=reference, with budget.macs=B (the pipeline bisects the sparsity);
+  finetune=reference, with budget.macs=B (the pipeline searches the sparsity);
 - default: the project's defaults with budget.macs=B;
 - torch_pruning: Torch-Pruning 1.6.1's magnitude pruning as its README recommends
   (tp.pruner.BasePruner, tp.importance.GroupMagnitudeImportance(p=2), the final Linear ignored,
-  channels rounded to 8) in --tp-steps iterative steps, its pruning_ratio bisected until the
+  channels rounded to 8) in --tp-steps iterative steps, its pruning_ratio searched until the
   MACs ratio lands in [B - budget.tolerance, B] (unrounded where rounded counts jump across
   that window), then the project's default fine-tuning and measurement
   (pip install -e ".[benchmarks]");
@@ -54,7 +54,7 @@ from pipeline.model_stats import count_macs
 from pipeline.run import baseline_cache_path, resolve_device, run, seed_everything, seed_stage
 from pipeline.schema import RunSettings
 from pipeline.stages.baseline import BaselineResult, baseline
-from pipeline.stages.budget import bisect
+from pipeline.stages.budget import find_sparsity
 from pipeline.stages.finetune import finetune, split_epochs
 from pipeline.stages.measure import measure, quality
 from pipeline.tracking import cpu_model
@@ -362,11 +362,12 @@ def torch_pruning_to_budget(
     round_to: int,
     between: Callable[[int, nn.Module], None] | None = None,
 ) -> tuple[nn.Module, dict]:
-    """torch_pruning_model with its pruning_ratio bisected (pipeline.stages.budget.bisect) until
-    the MACs ratio lands in [budget - tolerance, budget]. Channels rounded to `round_to` move
-    many layers at once, so the ratio can jump across that window (MobileNetV2 at 0.25: 0.262
-    -> 0.212); the search then runs again unrounded (round_to 0: unrounded from the start).
-    Widths do not depend on the weights, so the search prunes without `between`."""
+    """torch_pruning_model with its pruning_ratio searched (pipeline.stages.budget's
+    find_sparsity) until the MACs ratio lands in [budget - tolerance, budget]. Channels rounded
+    to `round_to` move many layers at once, so the ratio can jump across that window
+    (MobileNetV2 at 0.25: 0.262 -> 0.212); the search then runs again unrounded (round_to 0:
+    unrounded from the start). Widths do not depend on the weights, so the search prunes
+    without `between`."""
     base_macs = count_macs(base, shape)
     count = 0
     for rounding in dict.fromkeys([round_to or None, None]):
@@ -375,7 +376,9 @@ def torch_pruning_to_budget(
             pruned = torch_pruning_model(base, pruning_ratio, shape, steps, rounding)
             return count_macs(pruned, shape) / base_macs
 
-        ratio, achieved, evaluations = bisect(ratio_at, budget, tolerance, "torch_pruning MACs")
+        ratio, achieved, evaluations = find_sparsity(
+            ratio_at, budget, tolerance, "torch_pruning MACs"
+        )
         count += len(evaluations)
         if achieved >= budget - tolerance:
             break

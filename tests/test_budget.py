@@ -7,7 +7,7 @@ import pytest
 from pipeline.config import check_command_line, compose, settings_from
 from pipeline.errors import ConfigError
 from pipeline.run import run
-from pipeline.stages.budget import MAX_SPARSITY, bisect
+from pipeline.stages.budget import MAX_SPARSITY, find_sparsity
 
 
 def stepped_cost(sparsity: float) -> float:
@@ -16,19 +16,35 @@ def stepped_cost(sparsity: float) -> float:
     return round(kept**1.6 * 64) / 64
 
 
-@pytest.mark.parametrize("target", [0.7, 0.5, 0.35, 0.25])
-def test_bisection_lands_at_or_below_the_target_within_the_tolerance(target):
-    sparsity, ratio, evaluations = bisect(stepped_cost, target, 0.02, "budget.macs")
+@pytest.mark.parametrize("target", [0.7, 0.5, 0.35, 0.25, 0.1])
+@pytest.mark.parametrize("power", [1.0, 1.6, 2.4])
+def test_the_search_lands_at_or_below_the_target_within_the_tolerance(target, power):
+    def cost(sparsity: float) -> float:
+        return round((1.0 - sparsity) ** power * 64) / 64
+
+    sparsity, ratio, evaluations = find_sparsity(cost, target, 0.02, "budget.macs")
     assert target - 0.02 <= ratio <= target
-    assert ratio == stepped_cost(sparsity)
-    # The smallest such sparsity, to the search's resolution: a little less misses the target.
-    assert stepped_cost(sparsity - 0.01) > target - 0.02
-    assert len(evaluations) <= 11
+    assert ratio == cost(sparsity)
+    # Fewer probes than halving the interval took (7 to 10 for these).
+    assert len(evaluations) <= 5
+
+
+def test_a_noisy_ratio_still_ends_at_or_below_the_target():
+    """A latency ratio is not monotone to the last digit: the search keeps shrinking its
+    bracket and returns a probe that met the target."""
+    wobble = iter([0.03, -0.04, 0.02, -0.01, 0.05, -0.03, 0.01, 0.0, 0.02, -0.02, 0.01] * 2)
+
+    def noisy(sparsity: float) -> float:
+        return 0.3 + 0.6 * (1.0 - sparsity) + next(wobble)
+
+    sparsity, ratio, evaluations = find_sparsity(noisy, 0.6, 0.02, "budget.latency")
+    assert ratio <= 0.6 and len(evaluations) <= 11
+    assert {"sparsity": sparsity, "ratio": ratio} in evaluations
 
 
 def test_a_target_below_the_most_pruned_model_is_refused():
     with pytest.raises(ConfigError, match=r"budget.macs=0.01 cannot be reached"):
-        bisect(lambda s: 0.2 + 0.8 * (1 - s), 0.01, 0.02, "budget.macs")
+        find_sparsity(lambda s: 0.2 + 0.8 * (1 - s), 0.01, 0.02, "budget.macs")
     assert MAX_SPARSITY < 1
 
 
@@ -64,9 +80,20 @@ def test_sparsities_that_empty_a_layer_count_as_too_much_and_are_never_the_answe
     def ratio_at(sparsity: float) -> float | None:
         return None if sparsity > 0.8 else stepped_cost(sparsity)
 
-    sparsity, ratio, evaluations = bisect(ratio_at, 0.25, 0.02, "budget.macs")
+    sparsity, ratio, evaluations = find_sparsity(ratio_at, 0.25, 0.02, "budget.macs")
     assert 0.23 <= ratio <= 0.25 and sparsity <= 0.8
-    assert evaluations[0]["ratio"] is None  # the first probe, at MAX_SPARSITY
+    assert len(evaluations) <= 5
+
+
+def test_a_layer_emptied_above_the_target_narrows_the_search():
+    # Slow to fall at first, so the power law overshoots into sparsities that empty a layer
+    # (above 0.75); the target needs 0.707 or more.
+    def ratio_at(sparsity: float) -> float | None:
+        return None if sparsity > 0.75 else 1.0 - sparsity**2
+
+    sparsity, ratio, evaluations = find_sparsity(ratio_at, 0.5, 0.02, "budget.macs")
+    assert 0.48 <= ratio <= 0.5 and sparsity <= 0.75
+    assert any(entry["ratio"] is None for entry in evaluations)
 
 
 def test_a_rounding_that_jumps_over_the_window_is_refined(tiny, monkeypatch):

