@@ -54,7 +54,7 @@ from pipeline.model_stats import count_macs
 from pipeline.run import baseline_cache_path, resolve_device, run, seed_everything, seed_stage
 from pipeline.schema import RunSettings
 from pipeline.stages.baseline import BaselineResult, baseline
-from pipeline.stages.budget import find_sparsity
+from pipeline.stages.budget import SEARCH_METHOD, find_sparsity
 from pipeline.stages.finetune import finetune, split_epochs
 from pipeline.stages.measure import measure, quality
 from pipeline.tracking import cpu_model
@@ -455,22 +455,27 @@ def finetuned_and_measured(settings: RunSettings, prune, steps: int = 1) -> tupl
 
 
 def provenance(checkpoint: Path) -> dict:
-    """Where rows are computed: the baseline file they start from, the CPU, torch. Rows from
-    another machine or another baseline (the same cache key, trained elsewhere) differ in
-    their float rounding (at MACs 0.25 the default lost 1.29 points on one CPU, 1.77 on
-    another) and in their latencies: one table must not mix them."""
+    """Where rows are computed: the baseline file they start from, the CPU, torch, and how the
+    budget search works. Rows from another machine or another baseline (the same cache key,
+    trained elsewhere) differ in their float rounding (at MACs 0.25 the default lost 1.29
+    points on one CPU, 1.77 on another) and in their latencies; another search lands on
+    other sparsities under the same settings: one table must not mix them."""
     digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()[:16]
-    return {"baseline_sha256": digest, "cpu": cpu_model(), "torch": torch.__version__}
+    return {
+        "baseline_sha256": digest,
+        "cpu": cpu_model(),
+        "torch": torch.__version__,
+        "budget_search": SEARCH_METHOD,
+    }
 
 
 def cached_row(path: Path, compute, origin: dict) -> dict:
     """The row stored at `path`, or computed now and stored (an interrupted benchmark resumes).
-    A stored row with another `origin` (provenance) is computed again; rows stored before rows
-    recorded their provenance are kept."""
+    A stored row with another `origin` (provenance), or none, is computed again."""
     if path.is_file():
         row = json.loads(path.read_text())
-        stored = row.get("provenance")
-        if stored is None or stored == origin:
+        stored = row.get("provenance") or {}
+        if stored == origin:
             return row | {"cached": True}
         changed = ", ".join(key for key in origin if stored.get(key) != origin[key])
         print(f"# {path.name}: computed with another {changed}: computing again", file=sys.stderr)
@@ -509,7 +514,7 @@ def all_rows(args: argparse.Namespace, checkpoint: Path, origin: dict) -> list[d
         row = cached_row(
             folders[CONTROL] / f"{CONTROL}-s{seed}.json",
             lambda seed=seed: control_row(args, seed, checkpoint),
-            origin,
+            {key: value for key, value in origin.items() if key != "budget_search"},  # no search
         )
         rows.append(row | {"recipe": CONTROL, "budget": None, "seed": seed})
         print(f"# done: {CONTROL}-s{seed}", file=sys.stderr, flush=True)
@@ -751,11 +756,9 @@ def main(argv: list[str] | None = None) -> None:
         "changes the pruning statistics batches and the fine-tuning order); ratios are "
         "pruned / baseline, means over seeds; lost pts = baseline - pruned accuracy"
     )
-    unrecorded = sum("provenance" not in row for row in rows)
     print(
         f"# computed on {origin['cpu']}, torch {origin['torch']}, baseline file sha256 "
-        f"{origin['baseline_sha256']}"
-        + (f" ({unrecorded} cached rows predate recorded provenance)" if unrecorded else "")
+        f"{origin['baseline_sha256']}, budget search: {origin['budget_search']}"
     )
     print(HEADER)
     for entry in entries:

@@ -4,12 +4,14 @@ plot from made-up rows, and the Torch-Pruning recipe landing on a MACs budget.""
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
 
 from pipeline.model_stats import count_macs
 from pipeline.models import mobilenet_v2
+from pipeline.stages.budget import SEARCH_METHOD
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 HAS_TORCH_PRUNING = importlib.util.find_spec("torch_pruning") is not None
@@ -136,9 +138,10 @@ def test_a_resumed_benchmark_states_the_cost_of_its_cached_rows(recipe, tmp_path
     here = {"baseline_sha256": "ab", "cpu": "this CPU", "torch": "2.x"}
     fresh = recipe.cached_row(path, lambda: {"accuracy": 0.9}, here)
     assert "cached" not in fresh and fresh["seconds"] >= 0 and fresh["provenance"] == here
-    path.write_text('{"accuracy": 0.9, "seconds": 300.0}')  # stored before provenance was
+    stored = {"accuracy": 0.9, "seconds": 300.0, "provenance": here}
+    path.write_text(json.dumps(stored))
     again = recipe.cached_row(path, lambda: pytest.fail("a cached row is not recomputed"), here)
-    assert again == {"accuracy": 0.9, "seconds": 300.0, "cached": True}
+    assert again == stored | {"cached": True}
     rows = [again, {"accuracy": 0.8, "seconds": 100.0}]
     # 1,000 s of wall time of which the baseline's training took 600: 400 now, 300 earlier.
     assert recipe.cost_line(rows, 1000.0, 600.0).endswith("took 300 s: 700 s")
@@ -162,6 +165,15 @@ def test_rows_from_another_machine_or_baseline_are_computed_again(recipe, tmp_pa
     origin = recipe.provenance(checkpoint)
     checkpoint.write_bytes(b"other weights")
     assert recipe.provenance(checkpoint)["baseline_sha256"] != origin["baseline_sha256"]
+    # Rows whose budgets another search found (same settings, same key) are computed again.
+    assert origin["budget_search"] == SEARCH_METHOD
+    searched_before = here | {"budget_search": "bisection"}
+    recipe.cached_row(path, lambda: {"accuracy": 0.7}, searched_before)
+    row = recipe.cached_row(path, lambda: {"accuracy": 0.9}, here | {"budget_search": "new"})
+    assert row["accuracy"] == 0.9 and "cached" not in row
+    assert "computed with another budget_search" in capsys.readouterr().err
+    path.write_text('{"accuracy": 0.9, "seconds": 300.0}')  # stored before provenance was
+    assert recipe.cached_row(path, lambda: {"accuracy": 0.8}, here)["accuracy"] == 0.8
 
 
 @pytest.mark.skipif(not HAS_TORCH_PRUNING, reason="needs the benchmarks extra (torch-pruning)")

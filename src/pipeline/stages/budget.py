@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 
 # Above this the activation pruners leave too few channels to rank (and NNI refuses 1.0).
 MAX_SPARSITY = 0.95
+# Names how find_sparsity searches. Results cached by sparsity-free settings (the recipe
+# benchmark's rows) record it: change it with any change that moves where a search lands.
+SEARCH_METHOD = "power-law interpolation in a bracket"
 # Probes of one search at most.
 MAX_EVALUATIONS = 11
 # A bracket this narrow ends the search: on MobileNetV2 one channel in 16 of its widest layer
@@ -73,8 +76,12 @@ def find_sparsity(
     MACs: the first probe takes p = 2, and later ones fit p through the probes that bracket the
     target (interpolation on log(1 - sparsity) against log(ratio)), aiming at the middle of the
     window. A probe is kept at least a tenth of the bracket away from its ends, so the bracket
-    shrinks as in bisection when the fit is poor (a noisy latency ratio). On the recipe
-    benchmark's MobileNetV2 this took 2-5 probes where halving the interval took 4-18.
+    shrinks when the fit is poor (a noisy latency ratio); after two probes on one side the
+    next halves the bracket. On the recipe benchmark's MobileNetV2 (MACs 0.7 / 0.5 / 0.35 /
+    0.25) the default took 5 / 3 / 11 / 2 probes where halving the interval took 11 / 4 / 18 /
+    7 (at 0.35 the 16-channel rounding jumps over the window, and the search is redone at 8),
+    the reference 4 / 2 / 2 / 2 where halving took 7 / 9 / 4 / 6, and Torch-Pruning's ratio
+    5 / 4 / 3 / 7 where halving took 11 / 7 / 6 / 18 (benchmarks/README.md).
     """
     evaluations: list[dict] = []
 
