@@ -96,8 +96,8 @@ def find_sparsity(
     high: float | None = None  # the least sparsity known to meet the target (or to be too much)
     high_ratio: float | None = None
     best: tuple[float, float] | None = None
-    moved: list[bool] = []  # per probe: whether it moved the low end
-    sparsity = min(MAX_SPARSITY, 1.0 - math.sqrt(aim))
+    moved_low: bool | None = None  # whether the last probe moved the low end
+    sparsity = _next_probe(low, low_ratio, high, high_ratio, aim)  # p = 2 from the start
     for _ in range(MAX_EVALUATIONS):
         ratio = evaluate(sparsity)
         if ratio is not None and ratio > target:
@@ -117,8 +117,8 @@ def find_sparsity(
         # this narrow holds no other step worth a probe (a finer rounding may land instead).
         if high is not None and high - low < NARROW:
             break
-        moved.append(sparsity == low)
-        if high is not None and len(moved) >= 2 and moved[-1] == moved[-2]:
+        moved_low_before, moved_low = moved_low, sparsity == low
+        if high is not None and moved_low == moved_low_before:
             # One end moved twice running: interpolation creeps (a ratio near the target on
             # one side, a step far below it on the other); halve the bracket instead.
             sparsity = (low + high) / 2
@@ -137,16 +137,17 @@ def _next_probe(
 ) -> float:
     """The sparsity where the power law through the probes around `aim` reaches it, kept a tenth
     of the bracket inside it; without a probe at or below the target, the law through the
-    unpruned model and the last probe above it, capped at MAX_SPARSITY."""
+    unpruned model and the last probe above it (p = 2 before any probe), capped at
+    MAX_SPARSITY."""
     if high is None:
         power = math.log(low_ratio) / math.log(1.0 - low) if low > 0 else 2.0
         if power <= 0:  # the probe kept the whole cost (rounding): no law to follow
             return (low + MAX_SPARSITY) / 2
         guess = 1.0 - aim ** (1.0 / power)
         return MAX_SPARSITY if guess >= MAX_SPARSITY or guess <= low else guess
-    margin = (high - low) / 10
     if high_ratio is None or high_ratio <= 0:  # too much: no ratio to fit through
         return (low + high) / 2
+    margin = (high - low) / 10
     x_low, x_high = math.log(1.0 - low), math.log(1.0 - high)
     y_low, y_high = math.log(low_ratio), math.log(high_ratio)
     x = x_low + (math.log(aim) - y_low) * (x_high - x_low) / (y_high - y_low)
