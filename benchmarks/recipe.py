@@ -173,7 +173,7 @@ def without_empty(value: Any) -> Any:
 
 # Options added to conf/ after rows were cached, at the value that leaves a run as it was:
 # settings at that value stay out of a row's key, so those rows stay valid.
-ADDED_NEUTRAL = {("finetune", "dropout"): "keep"}
+ADDED_NEUTRAL = {("finetune", "dropout"): "keep", ("finetune", "ema_decay"): 0.0}
 
 
 def without_neutral(settings: dict) -> dict:

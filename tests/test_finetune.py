@@ -211,3 +211,83 @@ def test_fine_tuning_with_scaled_dropout_lowers_the_pruned_heads_rates(tiny, tmp
     scaled, kept = seen
     assert scaled and all(rate < 0.5 for rate in scaled)
     assert set(kept) == {0.5}
+
+
+def test_the_moving_average_warms_up_its_decay_and_copies_integer_buffers():
+    """After n updates towards a constant c from a, the average is c + (a - c) times the
+    product of the decays used, min(decay, (1 + k) / (10 + k)) for k = 0..n-1."""
+    from pipeline.training import ema_average
+
+    update = ema_average(0.9)
+    mean, count = torch.full((3,), 4.0), torch.tensor(7)
+    target, target_count = torch.full((3,), 1.0), torch.tensor(12)
+    product = 1.0
+    for k in range(30):
+        update([mean, count], [target, target_count], torch.tensor(k))
+        product *= min(0.9, (1 + k) / (10 + k))
+        torch.testing.assert_close(mean, torch.full((3,), 1.0 + 3.0 * product))
+    assert count.item() == 12  # BatchNorm's batch count is the model's, not a mean
+    # The warm-up: the first update moves nine tenths of the way, not a tenth.
+    first = torch.zeros(1)
+    ema_average(0.999)([first], [torch.ones(1)], torch.tensor(0))
+    torch.testing.assert_close(first, torch.tensor([0.9]))
+
+
+def _fit_small(ema_decay: float, channels_last: bool = False):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from pipeline.data import Loaders
+    from pipeline.schema import FinetuneSettings
+    from pipeline.training import fit
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 3),
+    )
+    data = TensorDataset(torch.randn(96, 3, 8, 8), torch.randint(0, 3, (96,)))
+    loader = DataLoader(data, batch_size=16, shuffle=False)
+    settings = FinetuneSettings(
+        epochs=3,
+        batch_size=16,
+        lr=0.1,
+        schedule="constant",
+        warmup_epochs=0,
+        channels_last=channels_last,
+        optimizer={"_target_": "torch.optim.SGD", "_partial_": True},
+    )
+    loaders = Loaders(loader, loader, loader)
+    return fit(model, loaders, nn.CrossEntropyLoss(), settings, "cpu", ema_decay=ema_decay), loaders
+
+
+def test_fine_tuning_with_a_moving_average_validates_and_keeps_the_average():
+    """The averaged weights are what each epoch validates and what fit returns; the training
+    itself is the same steps (the same losses) as without it, and a decay that averages
+    nothing returns what plain training does."""
+    from pipeline.training import evaluate
+
+    plain, _ = _fit_small(0.0)
+    averaged, loaders = _fit_small(0.9)
+    nearly_none, _ = _fit_small(1e-12)
+    assert [e["train_loss"] for e in averaged.history] == [e["train_loss"] for e in plain.history]
+    weight = averaged.model.state_dict()["5.weight"]
+    assert not torch.allclose(weight, plain.model.state_dict()["5.weight"])
+    # What the best epoch validated is the model returned, BatchNorm statistics included.
+    best = averaged.history[averaged.best_epoch - 1]["val_accuracy"]
+    again = evaluate(averaged.model, loaders.val, nn.CrossEntropyLoss(), "cpu")
+    assert again.accuracy == best
+    running = averaged.model.state_dict()["1.running_mean"]
+    assert not torch.allclose(running, plain.model.state_dict()["1.running_mean"])
+    for name, value in plain.model.state_dict().items():
+        torch.testing.assert_close(nearly_none.model.state_dict()[name], value)
+
+
+def test_the_moving_average_keeps_the_layout_contract_under_channels_last():
+    averaged, _ = _fit_small(0.9, channels_last=True)
+    weight = averaged.model[0].weight
+    assert weight.is_contiguous()
+    assert not weight.is_contiguous(memory_format=torch.channels_last)

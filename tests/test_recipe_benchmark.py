@@ -76,6 +76,11 @@ def test_rows_cache_key_follows_the_options(recipe):
     assert recipe.without_neutral({"finetune": {"dropout": "scaled"}}) == {
         "finetune": {"dropout": "scaled"}
     }
+    # finetune.ema_decay came later still: at 0 (no averaging) every recipe keeps its rows.
+    none = recipe.parse_args(["--train-limit=300", "finetune.ema_decay=0"])
+    assert all(key(one, name) == key(none, name) for name in names)
+    averaged = recipe.parse_args(["--train-limit=300", "finetune.ema_decay=0.998"])
+    assert all(key(one, name) != key(averaged, name) for name in names)
 
 
 def made_up_row(recipe: str, budget: float | None, seed: int, accuracy: float) -> dict:

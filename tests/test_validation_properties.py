@@ -51,6 +51,7 @@ VALUES = {
     "finetune.epochs": ["0", "3", "-1", "x"],
     "finetune.between_steps": ["0", "1", "-1"],
     "finetune.dropout": ["keep", "scaled", "halved"],
+    "finetune.ema_decay": ["0", "0.998", "1", "-0.5", "x"],
     "finetune.optimizer._target_": ["torch.optim.Adam", "torch.optim.Nope", "nope.Opt", "os.path"],
     "criterion._target_": ["torch.nn.CrossEntropyLoss", "nope.Loss", "torch.nn"],
     "baseline.lr": ["0.01", "abc", "null"],

@@ -162,6 +162,7 @@ RANGES = [
     ("finetune.epochs", lambda v: v >= 0, "an integer >= 0"),
     ("finetune.warmup_epochs", lambda v: v >= 0, "an integer >= 0"),
     ("finetune.between_steps", lambda v: v >= 0, "an integer >= 0"),
+    ("finetune.ema_decay", lambda v: 0 <= v < 1, "a number in [0, 1) (0: no averaging)"),
     ("baseline.warmup_epochs", lambda v: v >= 0, "an integer >= 0"),
     ("finetune.distill.alpha", lambda v: v is None or 0 <= v <= 1, "a number in [0, 1]"),
     ("finetune.distill.temperature", lambda v: v is None or v > 0, "a number > 0"),

@@ -174,6 +174,9 @@ class FinetuneSettings(TrainingSettings):
     # Epochs after each pruning step but the last, out of `epochs` (pipeline.stages.iterative).
     between_steps: int = MISSING
     dropout: DropoutRule = MISSING
+    # Per-step decay of an exponential moving average of the weights, which each epoch then
+    # validates and the run keeps (pipeline.training.ema_average); 0: none.
+    ema_decay: float = MISSING
 
 
 @dataclass

@@ -107,8 +107,10 @@ def train_steps(
     desc: str = "train",
     distillation: Distillation | None = None,
     layout: torch.memory_format = torch.contiguous_format,
+    average: torch.optim.swa_utils.AveragedModel | None = None,
 ) -> float:
-    """One pass over the loader; returns the mean training loss."""
+    """One pass over the loader; returns the mean training loss. `average`, where given, is
+    updated after every optimizer step."""
     model.train()
     if distillation is not None:
         distillation.teacher.eval()
@@ -124,6 +126,8 @@ def train_steps(
             loss = distillation.loss(criterion, logits, labels, images)
         loss.backward()
         optimizer.step()
+        if average is not None:
+            average.update_parameters(model)
         total_loss += loss.item() * len(labels)
         seen += len(labels)
         bar.set_postfix(loss=f"{total_loss / seen:.4f}")
@@ -217,6 +221,27 @@ def lr_schedule(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def ema_average(decay: float) -> Callable[[list, list, torch.Tensor], None]:
+    """An exponential moving average of weights and buffers for AveragedModel's multi_avg_fn,
+    with the usual warm-up of the decay, min(decay, (1 + n) / (10 + n)) after n updates
+    (TensorFlow's ExponentialMovingAverage with num_updates; timm's ModelEma): the first
+    updates follow the model closely, so the pruned starting weights fade within a few hundred
+    steps instead of weighing on the average for thousands. Integer buffers (BatchNorm's batch
+    count) take the model's value."""
+
+    @torch.no_grad()
+    def update(averaged: list, current: list, updates: torch.Tensor) -> None:
+        n = int(updates)
+        rate = 1.0 - min(decay, (1.0 + n) / (10.0 + n))
+        for mean, value in zip(averaged, current, strict=True):
+            if mean.is_floating_point():
+                mean.lerp_(value, rate)
+            else:
+                mean.copy_(value)
+
+    return update
+
+
 def fit(
     model: nn.Module,
     loaders: Loaders,
@@ -226,13 +251,23 @@ def fit(
     desc: str = "train",
     on_epoch: Callable[[dict], None] | None = None,
     distillation: Distillation | None = None,
+    ema_decay: float = 0.0,
 ) -> FitResult:
     """Train for settings.epochs with settings.optimizer at settings.lr under settings.schedule,
     keeping the weights of the epoch with the best validation accuracy. The one training loop
     of the baseline and fine-tuning stages. With settings.channels_last the loop runs in NHWC
-    (weights and batches); the model it returns is back in the default layout."""
+    (weights and batches); the model it returns is back in the default layout.
+    With ema_decay > 0 an exponential moving average of the weights and BatchNorm statistics
+    (ema_average) follows every step, and it, not the last step's weights, is what each epoch
+    validates, what the best epoch keeps and what is returned; 0 is no averaging."""
     layout = batch_layout(settings.channels_last)
     model.to(device, memory_format=layout)
+    average = None
+    if ema_decay > 0:
+        average = torch.optim.swa_utils.AveragedModel(
+            model, multi_avg_fn=ema_average(ema_decay), use_buffers=True
+        )
+    validated = model if average is None else average.module
     if distillation is not None:
         # The teacher sees the same NHWC batches: in NCHW it would convert each one back.
         distillation.teacher.to(device, memory_format=layout)
@@ -256,10 +291,11 @@ def fit(
             f"{desc} {epoch}",
             distillation,
             layout,
+            average,
         )
         if scheduler is not None:
             scheduler.step()
-        val = evaluate(model, loaders.val, criterion, device, "val", layout)
+        val = evaluate(validated, loaders.val, criterion, device, "val", layout)
         record = {
             "epoch": epoch,
             "train_loss": train_loss,
@@ -281,7 +317,7 @@ def fit(
         # A NaN accuracy (empty validation split) never beats; the last epoch is kept then.
         if val.accuracy > best_accuracy or math.isnan(val.accuracy):
             best_accuracy = val.accuracy if not math.isnan(val.accuracy) else best_accuracy
-            best_state = copy.deepcopy(model.state_dict())
+            best_state = copy.deepcopy(validated.state_dict())
             result.best_epoch = epoch
     # Back to the layout every later stage expects (NNI's tracing, safetensors, export).
     model.to(memory_format=torch.contiguous_format)

@@ -57,6 +57,7 @@ def finetune(
         desc="finetune",
         on_epoch=on_epoch,
         distillation=distillation,
+        ema_decay=settings.ema_decay,
     )
 
 
