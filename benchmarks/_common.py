@@ -4,37 +4,31 @@ the two ways of pruning (the project's stage functions and the plain NNI call se
 from __future__ import annotations
 
 import argparse
-import random
 import warnings
 
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from pipeline.config import compose, settings_from
-from pipeline.data import Loaders, StageInputs
-from pipeline.latency import PairedLatency
-from pipeline.models import mobilenet_v2
-from pipeline.nni_adapter import Masks
-from pipeline.nni_adapter import speedup as nni_speedup
-from pipeline.schema import MeasureSettings, PrunerSettings, RunSettings
-from pipeline.stages.iterative import prune_in_steps
+from pipeline.config.checks import settings_from
+from pipeline.config.compose import compose
+from pipeline.config.schema import MeasureSettings, PrunerSettings, RunSettings
+from pipeline.data.datasets import Loaders, StageInputs
+from pipeline.measure.latency import PairedLatency
+from pipeline.measure.uncertainty import latency_ratio
+from pipeline.models.zoo import mobilenet_v2
+from pipeline.pruning.nni.adapter import Masks
+from pipeline.pruning.nni.adapter import speedup as nni_speedup
+from pipeline.pruning.steps import prune_in_steps
 from pipeline.stages.measure import timed_pair
 from pipeline.stages.prune import prune
-from pipeline.uncertainty import latency_ratio
+from pipeline.training.seeding import seed_everything
 
 SEED = 1234
 # Input size -> number of classes: 224 is the reference (Oxford-IIIT Pet) model, 32 the
 # small-input model the digits default runs.
 NUM_CLASSES = {224: 37, 32: 10}
 LOADER_BATCH = 8
-
-
-def seed_everything(seed: int = SEED) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def input_shape(size: int) -> tuple[int, int, int]:
@@ -145,7 +139,7 @@ def timed_ratio(
 ) -> tuple[PairedLatency, dict]:
     """Both models timed as the measure stage times them (timed_pair: alternating rounds in
     this process; `repeats` None: settings.repeats) and the pruned/baseline ratio with its
-    95 % interval from the per-round ratios (pipeline.uncertainty.latency_ratio)."""
+    95 % interval from the per-round ratios (pipeline.measure.uncertainty.latency_ratio)."""
     shape = input_shape(size)
     pair = timed_pair(baseline, pruned, shape, device, settings, batch_size, repeats)
     return pair, latency_ratio(pair.baseline_rounds, pair.pruned_rounds)
@@ -166,7 +160,7 @@ def project_prune(
     model: nn.Module, size: int, sparsity: float, settings: PrunerSettings
 ) -> tuple[nn.Module, Masks]:
     """Stage 2 as the pipeline runs it, on the CPU; returns the masked model and the masks."""
-    seed_everything()
+    seed_everything(SEED)
     result = prune(model, inputs=stage_inputs(size, settings), settings=settings, sparsity=sparsity)
     return result.model, result.masks
 
@@ -175,8 +169,8 @@ def project_pruned_model(
     model: nn.Module, size: int, sparsity: float, settings: PrunerSettings
 ) -> nn.Module:
     """The pipeline's pruned model: prune, speedup and BatchNorm re-estimation in
-    settings.iterations steps (pipeline.stages.iterative), on the CPU."""
-    seed_everything()
+    settings.iterations steps (pipeline.pruning.steps), on the CPU."""
+    seed_everything(SEED)
     result = prune_in_steps(
         model, inputs=stage_inputs(size, settings), settings=settings, sparsity=sparsity
     )
@@ -188,7 +182,7 @@ def project_speedup(
 ) -> nn.Module:
     """The project's ModelSpeedup call with its checks and retries, without the BatchNorm
     re-estimation of the speedup stage: the plain side has none either."""
-    seed_everything()
+    seed_everything(SEED)
     return nni_speedup(
         model,
         masks,
@@ -225,7 +219,7 @@ def plain_prune(
             if max_steps is None:
                 return
 
-    seed_everything()
+    seed_everything(SEED)
     # Same order of random draws as the project's prune(), so both end with the same weights.
     dummy_input = torch.rand(8, *input_shape(size))
     last_linear = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
@@ -253,7 +247,7 @@ def plain_prune(
 def plain_speedup(model: nn.Module, masks: Masks, size: int) -> nn.Module:
     from nni.compression.pytorch.speedup import ModelSpeedup
 
-    seed_everything()
+    seed_everything(SEED)
     ModelSpeedup(model, torch.rand(8, *input_shape(size)), masks).speedup_model()
     return model
 

@@ -4,10 +4,10 @@ For each input size and sparsity the unpruned baseline is pruned and sped up wit
 own stage functions, then baseline and pruned model are timed in alternating rounds with
 pipeline.stages.measure.timed_pair, the measure stage's own timing, under the composed measure
 settings (the timing options below are overrides of them); the ratio and its 95 % interval come
-from pipeline.uncertainty.latency_ratio, as in the measure stage.
+from pipeline.measure.uncertainty.latency_ratio, as in the measure stage.
 
 With several --runtimes each row holds one column group per runtime; --profile adds, for each
-size and sparsity, the time and MACs of each layer kind (pipeline.layer_profile).
+size and sparsity, the time and MACs of each layer kind (pipeline.models.layer_profile).
 
     python benchmarks/latency.py
     python benchmarks/latency.py --sizes 32 --sparsities 0.15 0.5 --repeats 10 --json out.json
@@ -27,11 +27,11 @@ from pathlib import Path
 import _common as common
 import torch
 
-from pipeline.inference import RUNTIMES, inference_model
-from pipeline.latency import cpu_threads
-from pipeline.layer_profile import KINDS, macs_by_kind, profile_by_kind
-from pipeline.model_stats import count_macs, count_params
-from pipeline.schema import MeasureSettings
+from pipeline.config.schema import MeasureSettings
+from pipeline.measure.latency import cpu_threads
+from pipeline.measure.runtime_forms import RUNTIMES, inference_model
+from pipeline.models.layer_profile import KINDS, macs_by_kind, profile_by_kind
+from pipeline.models.stats import count_macs, count_params
 
 # Above this batch size a forward pass of the 224x224 model takes a large fraction of a second
 # on a small CPU, so the default repeats are cut to keep the whole run within minutes.
@@ -46,7 +46,8 @@ class Timing:
 
     baseline: dict
     pruned: dict
-    ratio: dict  # pipeline.uncertainty.latency_ratio: ratio, ci_low, ci_high, round_ratios, ...
+    # pipeline.measure.uncertainty.latency_ratio: ratio, ci_low, ci_high, round_ratios, ...
+    ratio: dict
 
     @property
     def latency_ratio(self) -> float:

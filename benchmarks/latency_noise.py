@@ -1,10 +1,10 @@
 """Does the latency ratio hold on a busy machine?
 
 One baseline and its pruned model (the project's default pruned model) are built once, then timed
-as the measure stage times them (pipeline.stages.measure.timed_pair, alternating rounds, and
-pipeline.uncertainty.latency_ratio) --runs times on the idle machine and --runs times while a
-separate process keeps one core busy. Three criteria say whether the ratio and its interval
-survive the load.
+as the measure stage times them (pipeline.stages.measure.timed_pair, alternating rounds,
+and pipeline.measure.uncertainty.latency_ratio) --runs times on the idle machine and --runs
+times while a separate process keeps one core busy. Three criteria say whether the ratio and
+its interval survive the load.
 
     python benchmarks/latency_noise.py
     python benchmarks/latency_noise.py --size 32 --runs 3 --threads 1 --json noise.json
@@ -25,8 +25,8 @@ from pathlib import Path
 import _common as common
 import torch
 
-from pipeline.model_stats import count_macs, count_params
-from pipeline.schema import MeasureSettings
+from pipeline.config.schema import MeasureSettings
+from pipeline.models.stats import count_macs, count_params
 
 # (a): the loaded median ratio may differ from the idle one by this fraction.
 TOLERANCE = 0.10
@@ -43,7 +43,7 @@ class Run:
     number: int
     baseline: dict  # LatencyStats.as_dict()
     pruned: dict
-    ratio: dict  # pipeline.uncertainty.latency_ratio
+    ratio: dict  # pipeline.measure.uncertainty.latency_ratio
     load_average: float  # 1-minute load average right after the run
     busy_alive: bool | None = None  # loaded runs: the busy process still ran at the end
 

@@ -4,9 +4,9 @@ Every classification builder of the installed torchvision (torchvision.models.li
 for each pruner, through the pipeline's own stage functions at a small input size:
 
     build (random init, 10 classes) -> prune (dependency_aware, sparsity 0.3, one step, the
-    project's channel rounding) -> speedup (pipeline.nni_adapter, with its replacement rules and
-    checks) -> save_pruned -> load_pruned in a fresh Python process (which must not import NNI)
-    -> outputs identical to the in-process pruned model's on the same input
+    project's channel rounding) -> speedup (pipeline.pruning.nni.adapter, with its replacement
+    rules and checks) -> save_pruned -> load_pruned in a fresh Python process (which must not
+    import NNI) -> outputs identical to the in-process pruned model's on the same input
 
 and the row records pass/fail with the failing step and the first line of its error, the
 params / MACs / CPU latency ratios of the pruned model against the unpruned one (batch 1, the
@@ -83,12 +83,12 @@ def run_model(name: str, pruners: list[str], size: int, results: Path) -> list[d
     import _common as common
     import torch
 
-    from pipeline.export import build_from_config
-    from pipeline.model_stats import count_macs, count_params
+    from pipeline.models.stats import count_macs, count_params
+    from pipeline.models.zoo import build_from_config
 
     shape = (3, size, size)
     config = model_config(name, size)
-    common.seed_everything()
+    common.seed_everything(common.SEED)
     started = time.perf_counter()
     base: dict = {"model": name, "size": size}
     try:
@@ -149,11 +149,11 @@ def _prune_and_save(model, config, pruner, shape, folder, base, probe):
     from torch import nn
     from torch.utils.data import DataLoader, TensorDataset
 
-    from pipeline.data import Loaders, StageInputs
-    from pipeline.export import save_pruned
-    from pipeline.model_stats import count_macs, count_params
-    from pipeline.nni_adapter import quiet_nni
-    from pipeline.nni_adapter import speedup as nni_speedup
+    from pipeline.data.datasets import Loaders, StageInputs
+    from pipeline.models.pruned import save_pruned
+    from pipeline.models.stats import count_macs, count_params
+    from pipeline.pruning.nni.adapter import quiet_nni
+    from pipeline.pruning.nni.adapter import speedup as nni_speedup
     from pipeline.stages.prune import prune
 
     record = base | {"pruner": pruner}
@@ -172,7 +172,7 @@ def _prune_and_save(model, config, pruner, shape, folder, base, probe):
                 f"sparsity={SPARSITY}",
             ]
         ).pruner
-        common.seed_everything()
+        common.seed_everything(common.SEED)
         generator = torch.Generator().manual_seed(common.SEED)
         images = torch.randn(16, *shape, generator=generator)
         labels = torch.randint(0, NUM_CLASSES, (16,), generator=generator)
@@ -204,7 +204,7 @@ def _prune_and_save(model, config, pruner, shape, folder, base, probe):
 
 
 def _failed(record: dict, step: str, error: BaseException, started: float | None) -> dict:
-    from pipeline.nni_rules import failed_operation
+    from pipeline.pruning.nni.rules import failed_operation
 
     record |= {
         "status": "fail",
@@ -336,13 +336,14 @@ def time_alone(records: list[dict], results: Path) -> None:
     one, read back with load_pruned."""
     import _common as common
 
-    from pipeline.export import build_from_config, load_pruned
+    from pipeline.models.pruned import load_pruned
+    from pipeline.models.zoo import build_from_config
 
     for record in records:
         if record["status"] != "pass" or "latency" in record:
             continue
         size, name = record["size"], record["model"]
-        common.seed_everything()
+        common.seed_everything(common.SEED)
         baseline = build_from_config(model_config(name, size)).eval()
         folder = results / f"{name}-{record['pruner']}"
         pruned = load_pruned(folder / "pruned_model")
@@ -358,7 +359,7 @@ def _param_count(name: str, size: int) -> int:
     """Parameters of the builder's model, counted without allocating its weights."""
     import torch
 
-    from pipeline.export import build_from_config
+    from pipeline.models.zoo import build_from_config
 
     # torch.device("meta") acts on every thread of the process: one model at a time. Builders
     # that compute their widths with tensors (RegNet) cannot run there: they are built for real.

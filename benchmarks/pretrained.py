@@ -6,7 +6,7 @@ extra efficientnet_lite0 (model.weights=imagenet), once from random initialisati
 (model.weights=none). Weights whose tensors landed in the wrong places would be no better than
 random ones after training; correctly mapped features train to a clearly higher accuracy. The
 difference is given with its paired 95 % bootstrap interval and McNemar's p-value over the
-test images (pipeline.uncertainty.accuracy_change).
+test images (pipeline.measure.uncertainty.accuracy_change).
 
     python benchmarks/pretrained.py                       # 4,000 images, 64 px, 2 epochs
     python benchmarks/pretrained.py --train-limit 8000 --epochs 3 --image-size 96
@@ -23,11 +23,11 @@ import _common as common
 import torch
 from hydra.utils import instantiate
 
-from pipeline.data import StageInputs, make_loaders
-from pipeline.export import build_from_config
+from pipeline.data.datasets import StageInputs, make_loaders
+from pipeline.measure.uncertainty import accuracy_change
+from pipeline.models.zoo import build_from_config
 from pipeline.stages.baseline import baseline
-from pipeline.training import evaluate
-from pipeline.uncertainty import accuracy_change
+from pipeline.training.loop import evaluate
 
 
 def train_and_test(weights: str, args: argparse.Namespace) -> tuple[object, float]:
@@ -45,7 +45,7 @@ def train_and_test(weights: str, args: argparse.Namespace) -> tuple[object, floa
             f"seed={common.SEED}",
         ]
     )
-    common.seed_everything()
+    common.seed_everything(common.SEED)
     splits = instantiate(settings.dataset)
     loaders = make_loaders(splits, settings.baseline.batch_size, settings.seed, 0)
     device = torch.device("cpu")

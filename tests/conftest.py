@@ -13,9 +13,10 @@ import pytest
 import torch
 from omegaconf import DictConfig, open_dict
 
-from pipeline.config import compose, settings_from
-from pipeline.data import Loaders, StageInputs, digits, make_loaders
-from pipeline.schema import RunSettings
+from pipeline.config.checks import settings_from
+from pipeline.config.compose import compose
+from pipeline.config.schema import RunSettings
+from pipeline.data.datasets import Loaders, StageInputs, digits, make_loaders
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,7 +81,7 @@ def prune_digits_model(settings: RunSettings, sparsity: float, seed: int = 0, mo
     """Prune a freshly initialised digits MobileNetV2 with the project's prune stage (one step).
 
     The result's model has the original layer shapes with the pruned channels masked."""
-    from pipeline.models import mobilenet_v2
+    from pipeline.models.zoo import mobilenet_v2
     from pipeline.stages.prune import prune
 
     inputs = digits_inputs(seed=seed)

@@ -56,7 +56,7 @@ def pickle_payload(scratch: Path) -> Path:
 
 def other_class_count(scratch: Path) -> Path:
     """A real MobileNetV2 state dict for 37 classes: digits has 10."""
-    from pipeline.models import mobilenet_v2
+    from pipeline.models.zoo import mobilenet_v2
 
     path = scratch / "pets_model.safetensors"
     if not path.exists():

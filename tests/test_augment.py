@@ -5,7 +5,7 @@ import pytest
 import torch
 from torchvision import transforms as T
 
-from pipeline.augment import FlipAndShift
+from pipeline.data.augment import FlipAndShift
 
 
 @pytest.mark.parametrize(

@@ -2,9 +2,12 @@
 
 import json
 
+import pytest
+
 from conftest import ROOT, TINY, run_cli
 
 
+@pytest.mark.slow
 def test_reference_command_completes_and_prints_the_summary(tmp_path):
     result = run_cli(
         "pruner=mean_rank", "sparsity=0.15", *TINY, f"paths.output_root={tmp_path}", cwd=ROOT
@@ -26,6 +29,7 @@ def test_bad_value_exits_non_zero_with_one_line(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_unknown_pruner_exits_non_zero_with_one_line(tmp_path):
     result = run_cli("pruner=magnitude", cwd=tmp_path)
     assert result.returncode == 2

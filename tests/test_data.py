@@ -7,7 +7,7 @@ from hydra.utils import instantiate
 from PIL import Image
 from torch.utils.data import TensorDataset
 
-from pipeline.data import DataSplits, digits, imagefolder, make_loaders, stratified_indices
+from pipeline.data.datasets import DataSplits, digits, imagefolder, make_loaders, stratified_indices
 from pipeline.errors import ConfigError
 
 

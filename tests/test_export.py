@@ -5,8 +5,8 @@ import torch
 
 from conftest import prune_digits_model
 from pipeline import load_pruned, save_pruned
-from pipeline.models import mobilenet_v2
-from pipeline.nni_adapter import speedup
+from pipeline.models.zoo import mobilenet_v2
+from pipeline.pruning.nni.adapter import speedup
 
 MODEL_CONFIG = {"_target_": "pipeline.models.mobilenet_v2", "num_classes": 10, "weights": "none"}
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.data import FASHION_MNIST_FILES, fashion_mnist, read_idx
+from pipeline.data.datasets import FASHION_MNIST_FILES, fashion_mnist, read_idx
 from pipeline.errors import DataUnavailableError
 from pipeline.run import run
 
@@ -54,6 +54,7 @@ def test_missing_files_name_the_debian_package(tmp_path):
         fashion_mnist(str(tmp_path), 10, 32, 0.1, None, seed=0)
 
 
+@pytest.mark.slow
 def test_pipeline_runs_on_fashion_mnist_files(tiny, tmp_path):
     root = make_fashion_files(tmp_path / "fm")
     record = run(tiny("dataset=fashion_mnist", f"dataset.root={root}"), tmp_path / "run")

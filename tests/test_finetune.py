@@ -1,12 +1,13 @@
 import copy
 import math
 
+import pytest
 import torch
 from torch import nn
 
-from pipeline.models import mobilenet_v2
+from pipeline.models.zoo import mobilenet_v2
 from pipeline.stages.finetune import scale_dropout
-from pipeline.training import Distillation, lr_schedule
+from pipeline.training.loop import Distillation, lr_schedule
 
 
 def test_distillation_with_alpha_zero_is_the_task_loss():
@@ -55,21 +56,45 @@ def test_recipes_compose(tiny):
     assert distill.finetune.distill.alpha == 0.5 and distill.finetune.schedule == "cosine"
 
 
-def test_distillation_run_learns_from_the_baseline(tiny, tmp_path, monkeypatch):
-    import pipeline.training as training
-    from pipeline.run import run
+def test_distillation_teaches_the_student_what_the_baseline_predicts(tiny):
+    """With finetune=distill the student learns what the teacher knows: trained on labels that
+    are mostly wrong, the distilled student still answers as the teacher does (the truth, on
+    the validation images), and the same student fine-tuned on the labels alone does not."""
+    import dataclasses
 
-    calls = []
-    original = training.Distillation.loss
+    from torch.utils.data import DataLoader, TensorDataset
 
-    def counted(self, *args, **kwargs):
-        calls.append(self.teacher)
-        return original(self, *args, **kwargs)
+    from pipeline.config.schema import DistillSettings, DropoutRule
+    from pipeline.data.datasets import Loaders, StageInputs
+    from pipeline.stages.finetune import finetune
 
-    monkeypatch.setattr(training.Distillation, "loss", counted)
-    record = run(tiny("finetune=distill"), tmp_path / "run")
-    assert calls, "fine-tuning never used the distillation loss"
-    assert sum(p.numel() for p in calls[0].parameters()) == record["baseline"]["params"]
+    def net() -> torch.nn.Module:
+        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+
+    torch.manual_seed(0)
+    images = torch.randn(192, 3, 2, 2)
+    teacher = net().eval()
+    with torch.no_grad():
+        taught = teacher(images).argmax(1)
+    noisy = torch.where(torch.rand(192) < 0.25, taught, (taught + 1) % 3)
+
+    def loader(labels: torch.Tensor) -> DataLoader:
+        return DataLoader(TensorDataset(images, labels), batch_size=32, shuffle=False)
+
+    loaders = Loaders(loader(noisy), loader(taught), loader(taught))
+    inputs = StageInputs(loaders, torch.nn.CrossEntropyLoss(), torch.device("cpu"), (3, 2, 2))
+    base = dataclasses.replace(
+        tiny().finetune, epochs=15, lr=0.05, dropout=DropoutRule.keep, ema_decay=0.0
+    )
+    agreement = {}
+    for name, distill in (("labels", None), ("distilled", DistillSettings(1.0, 1.0))):
+        torch.manual_seed(1)
+        student = net()
+        tuned = finetune(student, inputs, dataclasses.replace(base, distill=distill), teacher)
+        with torch.no_grad():
+            agreement[name] = (tuned.model(images).argmax(1) == taught).float().mean().item()
+    assert agreement["distilled"] > 0.9, agreement
+    assert agreement["labels"] < 0.5, agreement
 
 
 def test_channels_last_training_learns_what_nchw_learns_and_returns_the_default_layout(tiny):
@@ -79,8 +104,8 @@ def test_channels_last_training_learns_what_nchw_learns_and_returns_the_default_
 
     from torch.utils.data import DataLoader, TensorDataset
 
-    from pipeline.data import Loaders
-    from pipeline.training import fit
+    from pipeline.data.datasets import Loaders
+    from pipeline.training.loop import fit
 
     torch.manual_seed(0)
     data = TensorDataset(torch.randn(48, 3, 8, 8), torch.randint(0, 3, (48,)))
@@ -117,8 +142,8 @@ def test_the_teacher_runs_in_the_students_layout_and_is_handed_back_contiguous(t
 
     from torch.utils.data import DataLoader, TensorDataset
 
-    from pipeline.data import Loaders
-    from pipeline.training import Distillation, fit
+    from pipeline.data.datasets import Loaders
+    from pipeline.training.loop import Distillation, fit
 
     def small() -> torch.nn.Module:
         return torch.nn.Sequential(
@@ -194,6 +219,7 @@ def test_scaled_dropout_follows_the_forward_order_not_the_declaration_order():
     assert pruned.training  # the probing forward pass leaves the mode as it was
 
 
+@pytest.mark.slow
 def test_fine_tuning_with_scaled_dropout_lowers_the_pruned_heads_rates(tiny, tmp_path, monkeypatch):
     import pipeline.stages.finetune as stage
     from pipeline.run import run
@@ -216,7 +242,7 @@ def test_fine_tuning_with_scaled_dropout_lowers_the_pruned_heads_rates(tiny, tmp
 def test_the_moving_average_warms_up_its_decay_and_copies_integer_buffers():
     """After n updates towards a constant c from a, the average is c + (a - c) times the
     product of the decays used, min(decay, (1 + k) / (10 + k)) for k = 0..n-1."""
-    from pipeline.training import ema_average
+    from pipeline.training.loop import ema_average
 
     update = ema_average(0.9)
     mean, count = torch.full((3,), 4.0), torch.tensor(7)
@@ -236,9 +262,9 @@ def test_the_moving_average_warms_up_its_decay_and_copies_integer_buffers():
 def _fit_small(ema_decay: float, channels_last: bool = False):
     from torch.utils.data import DataLoader, TensorDataset
 
-    from pipeline.data import Loaders
-    from pipeline.schema import FinetuneSettings
-    from pipeline.training import fit
+    from pipeline.config.schema import FinetuneSettings
+    from pipeline.data.datasets import Loaders
+    from pipeline.training.loop import fit
 
     torch.manual_seed(0)
     model = nn.Sequential(
@@ -268,7 +294,7 @@ def test_fine_tuning_with_a_moving_average_validates_and_keeps_the_average():
     """The averaged weights are what each epoch validates and what fit returns; the training
     itself is the same steps (the same losses) as without it, and a decay that averages
     nothing returns what plain training does."""
-    from pipeline.training import evaluate
+    from pipeline.training.loop import evaluate
 
     plain, _ = _fit_small(0.0)
     averaged, loaders = _fit_small(0.9)
@@ -291,3 +317,46 @@ def test_the_moving_average_keeps_the_layout_contract_under_channels_last():
     weight = averaged.model[0].weight
     assert weight.is_contiguous()
     assert not weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_max_grad_norm_bounds_every_step_and_is_range_checked(tiny):
+    """finetune.max_grad_norm=c clips the gradients' global norm: one plain SGD step at rate lr
+    moves the weights by at most lr * c, where the unclipped step moves them much further."""
+    import dataclasses
+
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from pipeline.data.datasets import Loaders
+    from pipeline.errors import ConfigError
+    from pipeline.training.loop import fit
+
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(16, 3, 4, 4) * 10, torch.randint(0, 3, (16,)))
+    loader = DataLoader(data, batch_size=16)
+    plain_sgd = {"_target_": "torch.optim.SGD", "_partial_": True}
+    moved = {}
+    for clip in (None, 0.01):
+        settings = dataclasses.replace(
+            tiny(f"finetune.max_grad_norm={'null' if clip is None else clip}").finetune,
+            epochs=1,
+            lr=1.0,
+            warmup_epochs=0,
+            optimizer=plain_sgd,
+            channels_last=False,
+        )
+        torch.manual_seed(1)
+        model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(48, 3))
+        before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+        result = fit(
+            model,
+            Loaders(loader, loader, loader),
+            torch.nn.CrossEntropyLoss(),
+            settings,
+            torch.device("cpu"),
+        )
+        after = torch.cat([p.detach().flatten() for p in result.model.parameters()])
+        moved[clip] = (after - before).norm().item()
+    assert moved[0.01] <= 0.01 + 1e-6
+    assert moved[None] > 10 * moved[0.01]
+    with pytest.raises(ConfigError, match=r"^finetune.max_grad_norm=0.0 is not allowed; allowed"):
+        tiny("finetune.max_grad_norm=0")

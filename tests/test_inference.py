@@ -3,8 +3,8 @@ import functools
 import pytest
 import torch
 
-from pipeline.inference import inference_model
-from pipeline.models import mobilenet_v2
+from pipeline.measure.runtime_forms import inference_model
+from pipeline.models.zoo import mobilenet_v2
 
 
 @pytest.fixture

@@ -8,12 +8,12 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from pipeline.config_list import MAX_LAYER_SPARSITY, resolve_config_list, step_sparsity
 from pipeline.errors import ConfigError
-from pipeline.models import mobilenet_v2
-from pipeline.monitor import StageMonitor
+from pipeline.models.zoo import mobilenet_v2
+from pipeline.pruning.config_list import MAX_LAYER_SPARSITY, resolve_config_list, step_sparsity
 from pipeline.run import run
-from pipeline.training import cycled_batches, recalibrate_batchnorm
+from pipeline.tracking.monitor import StageMonitor
+from pipeline.training.loop import cycled_batches, recalibrate_batchnorm
 
 
 @pytest.mark.parametrize("count", [1, 2, 4, 7])
@@ -107,6 +107,7 @@ def test_iterative_run_prunes_in_steps_and_keeps_every_steps_masks(tiny, tmp_pat
         assert not any("/" in key for key in masks.keys())  # noqa: SIM118
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("recalibrate", "expected"), [("every_step", 3), ("last_step", 1)])
 def test_batchnorm_is_re_estimated_after_the_steps_asked(
     tiny, tmp_path, monkeypatch, recalibrate, expected
@@ -131,7 +132,7 @@ def test_batchnorm_is_re_estimated_after_the_steps_asked(
 
 def _stepped(tiny, sparsity: float = 0.5):
     from conftest import digits_inputs
-    from pipeline.stages.iterative import prune_in_steps
+    from pipeline.pruning.steps import prune_in_steps
 
     settings = tiny("pruner.iterations=3", "pruner.round_to=null")
     torch.manual_seed(0)
@@ -140,12 +141,13 @@ def _stepped(tiny, sparsity: float = 0.5):
     return prune_in_steps(model, digits_inputs(max_batches=2), settings.pruner, sparsity)
 
 
+@pytest.mark.slow
 def test_layer_dependencies_are_traced_once_and_prune_as_traced_every_step(tiny, monkeypatch):
     from nni.algorithms.compression.v2.pytorch.pruning.tools.sparsity_allocator import (
         DependencyAwareAllocator,
     )
 
-    from pipeline.nni_adapter import LayerDependencies
+    from pipeline.pruning.nni.adapter import LayerDependencies
 
     traced = DependencyAwareAllocator._get_dependency
     calls = []
@@ -161,7 +163,7 @@ def test_layer_dependencies_are_traced_once_and_prune_as_traced_every_step(tiny,
     monkeypatch.setattr(LayerDependencies, "fit", lambda self, model: False)
     fresh = _stepped(tiny)
     assert len(calls) == 1 + 3
-    assert shared.dependencies.channel == fresh.dependencies.channel
+    assert shared.tied.channel == fresh.tied.channel
     for ours, theirs in zip(shared.masks_by_step, fresh.masks_by_step, strict=True):
         assert ours.keys() == theirs.keys()
         for layer in ours:
@@ -172,7 +174,7 @@ def test_layer_dependencies_are_traced_once_and_prune_as_traced_every_step(tiny,
 
 
 def test_dependencies_hold_while_only_widths_change_not_a_channel_multiplier():
-    from pipeline.nni_adapter import layer_signature
+    from pipeline.pruning.nni.adapter import layer_signature
 
     def net(width: int, multiplier: int = 1) -> nn.Module:
         return nn.Sequential(
@@ -208,32 +210,35 @@ def test_fine_tuning_between_steps_takes_its_epochs_from_the_fine_tuning(
     assert record["pruning"]["finetune_between_steps"] == 1
 
 
-def test_the_next_step_prunes_the_model_fine_tuned_between_steps(tiny, monkeypatch):
-    import pipeline.stages.iterative as iterative
+@pytest.mark.slow
+def test_the_next_step_prunes_the_model_fine_tuned_between_steps(tiny, tmp_path, monkeypatch):
+    """With finetune.between_steps the weights a step ranks are those the fine-tuning after
+    the step before returned, not the weights it started from."""
+    import pipeline.pruning.steps as steps
+    import pipeline.run as run_module
 
-    pruned_from = []
-    real = iterative.prune
+    def fingerprint(model: nn.Module) -> float:
+        return sum(p.detach().double().sum().item() for p in model.parameters())
 
-    def recorded(model, *args, **kwargs):
-        pruned_from.append(getattr(model, "tuned_after", None))
-        return real(model, *args, **kwargs)
+    pruned_from, tuned = [], []
+    real_prune, real_finetune = steps.prune, run_module.finetune
 
-    def tune(index, model):
-        model.tuned_after = index  # stands for the fine-tuned weights
-        return model
+    def recorded_prune(model, *args, **kwargs):
+        pruned_from.append(fingerprint(model))
+        return real_prune(model, *args, **kwargs)
 
-    monkeypatch.setattr(iterative, "prune", recorded)
-    from conftest import digits_inputs
+    def recorded_finetune(model, *args, **kwargs):
+        result = real_finetune(model, *args, **kwargs)
+        tuned.append(fingerprint(result.model))
+        return result
 
-    settings = tiny("pruner.iterations=3")
-    iterative.prune_in_steps(
-        mobilenet_v2(num_classes=10),
-        digits_inputs(max_batches=2),
-        settings.pruner,
-        0.5,
-        between=tune,
-    )
-    assert pruned_from == [None, 1, 2]  # nothing after the last step
+    monkeypatch.setattr(steps, "prune", recorded_prune)
+    monkeypatch.setattr(run_module, "finetune", recorded_finetune)
+    overrides = ("pruner.iterations=3", "finetune.epochs=4", "finetune.between_steps=1")
+    run(tiny(*overrides), tmp_path / "run")
+    assert len(pruned_from) == 3 and len(tuned) == 3  # two between the steps, one at the end
+    assert pruned_from[1] == tuned[0] and pruned_from[2] == tuned[1]
+    assert pruned_from[1] != pruned_from[0]
 
 
 @pytest.mark.parametrize(
@@ -249,7 +254,7 @@ def test_the_next_step_prunes_the_model_fine_tuned_between_steps(tiny, monkeypat
     ],
 )
 def test_epochs_between_steps(epochs, between, iterations, expected):
-    from pipeline.schema import FinetuneSettings
+    from pipeline.config.schema import FinetuneSettings
     from pipeline.stages.finetune import split_epochs
 
     settings = FinetuneSettings(epochs=epochs, between_steps=between)

@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from pipeline.errors import WeightsUnavailableError
-from pipeline.export import load_pruned
-from pipeline.model_stats import count_params
-from pipeline.models import (
+from pipeline.models.pruned import load_pruned
+from pipeline.models.stats import count_params
+from pipeline.models.zoo import (
     efficientnet_lite0,
     lite0_imagenet_state,
     make_prunable,
@@ -179,12 +179,12 @@ def test_a_model_of_your_own_prunes_through_target(tiny, tmp_path):
 
 @pytest.mark.slow
 def test_convnext_prunes_speeds_up_and_reloads(tiny, tmp_path):
-    """ConvNeXt needs every rule of pipeline.nni_rules: its layer scale, its channels-first
+    """ConvNeXt needs every rule of pipeline.pruning.nni.rules: its layer scale, its channels-first
     LayerNorm2d, channels-last LayerNorms that must keep removed channels removed, Permute and
     StochasticDepth."""
     from conftest import digits_inputs
-    from pipeline.export import save_pruned
-    from pipeline.nni_adapter import speedup
+    from pipeline.models.pruned import save_pruned
+    from pipeline.pruning.nni.adapter import speedup
     from pipeline.stages.prune import prune
 
     settings = tiny("model=torchvision", "model.name=convnext_tiny", "pruner.training_steps=1")
@@ -233,7 +233,7 @@ def test_a_model_nni_cannot_take_fails_in_one_line_naming_it_and_the_operation(t
 def test_narrower_conv_rule_builds_what_nnis_own_rule_builds(groups):
     from nni.compression.pytorch.speedup.compress_modules import replace_conv2d
 
-    from pipeline.nni_rules import replacement_rules
+    from pipeline.pruning.nni.rules import replacement_rules
 
     channels = 8
     groups_count = {"ungrouped": 1, "depthwise": channels, "grouped": 2}[groups]

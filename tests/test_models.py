@@ -3,10 +3,9 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from pipeline.config import compose
-from pipeline.export import build_from_config
-from pipeline.model_stats import count_macs, count_params, size_bytes
-from pipeline.models import mobilenet_v2
+from pipeline.config.compose import compose
+from pipeline.models.stats import count_macs, count_params, size_bytes
+from pipeline.models.zoo import build_from_config, mobilenet_v2
 
 
 def test_reference_mobilenet_v2_has_the_published_parameter_count():

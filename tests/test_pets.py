@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.data import pets
+from pipeline.data.datasets import pets
 from pipeline.errors import DataUnavailableError
 from pipeline.run import run
 
@@ -59,6 +59,7 @@ def test_missing_data_says_where_to_put_it(tmp_path):
         pets(str(tmp_path / "nowhere"), False, "official", 37, 32, 0.1, 0.2, 1234, seed=0)
 
 
+@pytest.mark.slow
 def test_pipeline_runs_on_the_pet_layout(tiny, tmp_path):
     root = make_pet_tree(tmp_path / "data")
     record = run(

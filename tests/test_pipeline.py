@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from conftest import DIGITS_SHAPE, prune_digits_model
-from pipeline.data import Loaders, StageInputs
-from pipeline.model_stats import count_params
-from pipeline.models import mobilenet_v2
-from pipeline.nni_adapter import speedup
+from pipeline.data.datasets import Loaders, StageInputs
+from pipeline.models.stats import count_params
+from pipeline.models.zoo import mobilenet_v2
+from pipeline.pruning.nni.adapter import speedup
 from pipeline.run import run
 from pipeline.stages.prune import prune
 
@@ -49,6 +49,7 @@ def test_without_tracking_the_run_still_records_resources_and_plots(tiny, tmp_pa
     assert not (tmp_path / "outputs" / "mlflow.db").exists()
 
 
+@pytest.mark.slow
 def test_a_cached_baseline_gives_the_same_numbers_as_a_trained_one(tiny, tmp_path):
     first = run(tiny(), tmp_path / "first")
     second = run(tiny(), tmp_path / "second")

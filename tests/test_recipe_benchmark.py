@@ -1,5 +1,5 @@
-"""benchmarks/recipe.py without a benchmark run: its command line, the aggregates, summary and
-plot from made-up rows, and the Torch-Pruning recipe landing on a MACs budget."""
+"""benchmarks/recipe.py: recipes are config presets run by the pipeline itself, rows resume,
+and the table (recipe_table.py) says what the rows show."""
 
 from __future__ import annotations
 
@@ -7,23 +7,34 @@ import importlib.util
 import json
 from pathlib import Path
 
+import matplotlib.image
 import pytest
 
-from pipeline.model_stats import count_macs
-from pipeline.models import mobilenet_v2
-from pipeline.stages.budget import SEARCH_METHOD
+from pipeline.config.compose import group_choices
+from pipeline.config.identity import config_identity
+from pipeline.pruning.budget import SEARCH_METHOD
+from test_fashion_mnist import make_fashion_files
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-HAS_TORCH_PRUNING = importlib.util.find_spec("torch_pruning") is not None
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture
 def recipe(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))  # the script imports its sibling _common
-    spec = importlib.util.spec_from_file_location("recipe_benchmark", BENCHMARKS / "recipe.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    monkeypatch.syspath_prepend(str(BENCHMARKS))  # the script imports its siblings
+    return load("recipe")
+
+
+@pytest.fixture
+def table(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    return load("recipe_table")
 
 
 def test_overrides_after_a_list_option_are_not_read_as_its_values(recipe, tmp_path):
@@ -36,51 +47,22 @@ def test_overrides_after_a_list_option_are_not_read_as_its_values(recipe, tmp_pa
     assert args.plot == args.output_root / "recipe_pareto.png"
 
 
-def test_rows_cache_key_follows_the_options(recipe):
-    one = recipe.parse_args(["--train-limit", "300"])
-    key = recipe.recipe_key
-    assert key(one, "default") == key(recipe.parse_args(["--train-limit", "300"]), "default")
-    assert key(one, "default") != key(recipe.parse_args(["--train-limit", "400"]), "default")
-    # Which rows a run computes is not part of what they depend on: a probe's rows are reused.
-    probe = ["--train-limit", "300", "--recipes", "default", "--budgets", "0.5", "--no-control"]
-    assert key(recipe.parse_args(probe), "default") == key(one, "default")
-    finer = recipe.parse_args(["--train-limit=300", "finetune.lr=0.02"])
-    names = [*recipe.RECIPES, recipe.CONTROL]
-    assert len({key(one, name) for name in names}) == len(names)
-    assert all(key(one, name) != key(finer, name) for name in names)
-    # A pruner setting changes the rows that prune with the pipeline, not Torch-Pruning's and
-    # not the controls' (they share only fine-tuning and measurement with it).
-    pruner = recipe.parse_args(["--train-limit=300", "pruner.training_steps=7"])
-    assert key(one, "default") != key(pruner, "default")
-    assert key(one, "reference") != key(pruner, "reference")
-    assert key(one, "torch_pruning") == key(pruner, "torch_pruning")
-    assert key(one, recipe.CONTROL) == key(pruner, recipe.CONTROL)
-    # Empty settings leave the key as it was before they existed (rows stay cached), and the
-    # reference pins pruner.sparsity_scale empty whatever the default says.
-    empty = recipe.parse_args(["--train-limit=300", "pruner.sparsity_scale=[]"])
-    assert all(key(one, name) == key(empty, name) for name in names)
-    assert recipe.without_empty({"a": {}, "b": {"c": [], "d": 0}, "e": None}) == {
-        "b": {"d": 0},
-        "e": None,
-    }
-    assert "pruner.sparsity_scale=[]" in recipe.RECIPES["reference"]
-    # So do options added later at the value that changes nothing (finetune=reference keeps
-    # the model's dropout rates); another value is another key.
-    keep = recipe.parse_args(["--train-limit=300", "finetune.dropout=keep"])
-    assert key(one, "reference") == key(keep, "reference")
-    assert all(key(one, name) != key(keep, name) for name in names if name != "reference")
-    assert recipe.without_neutral({"finetune": {"dropout": "keep", "lr": 0.1}, "x": 1}) == {
-        "finetune": {"lr": 0.1},
-        "x": 1,
-    }
-    assert recipe.without_neutral({"finetune": {"dropout": "scaled"}}) == {
-        "finetune": {"dropout": "scaled"}
-    }
-    # finetune.ema_decay came later still: at 0 (no averaging) every recipe keeps its rows.
-    none = recipe.parse_args(["--train-limit=300", "finetune.ema_decay=0"])
-    assert all(key(one, name) == key(none, name) for name in names)
-    averaged = recipe.parse_args(["--train-limit=300", "finetune.ema_decay=0.998"])
-    assert all(key(one, name) != key(averaged, name) for name in names)
+def test_a_recipe_is_a_config_preset_the_pipeline_runs(recipe):
+    """Every conf/recipe file is a recipe of the benchmark, and the benchmark's run of it is
+    the pipeline's run of `+recipe=<name>`: the reference is NNI one-shot with Adam."""
+    args = recipe.parse_args(["--train-limit", "300"])
+    assert args.recipes == group_choices("recipe")
+    assert {"default", "reference"} <= set(args.recipes)
+    reference = recipe.settings_for(args, 1, "reference")
+    assert reference.pruner.iterations == 1 and reference.pruner.round_to is None
+    assert reference.finetune.optimizer["_target_"] == "torch.optim.Adam"
+    default = recipe.settings_for(args, 1, "default")
+    assert default.pruner.iterations > 1
+    # The default recipe is the project's defaults: the same job as no recipe at all.
+    project = recipe.common.project_settings
+    assert config_identity(project(["+recipe=default"])) == config_identity(project([]))
+    with pytest.raises(SystemExit):
+        recipe.parse_args(["--recipes", "no_such_recipe"])
 
 
 def made_up_row(recipe: str, budget: float | None, seed: int, accuracy: float) -> dict:
@@ -102,43 +84,57 @@ def made_up_row(recipe: str, budget: float | None, seed: int, accuracy: float) -
     }
 
 
-def test_aggregates_summary_and_plot(recipe, tmp_path):
-    accuracies = {"reference": 0.84, "default": 0.89, "torch_pruning": 0.88}
+def test_aggregates_summary_and_plot(table, tmp_path):
+    accuracies = {"reference": 0.84, "default": 0.89, "peer": 0.88}
     rows = [
         made_up_row(name, budget, seed, accuracy + 0.002 * seed)
         for seed in (0, 1)
         for budget in (0.5, 0.35, 0.25)
         for name, accuracy in accuracies.items()
     ] + [made_up_row("control", None, seed, 0.906) for seed in (0, 1)]
-    entries = recipe.aggregate(rows)
-    default = next(e for e in entries if e["budget"] == 0.5 and e["recipe"] == "default")
+    entries = table.aggregate(rows, [*accuracies, "control"])
+    # Largest budget first, recipes in the order asked, the control last.
+    assert [(e["budget"], e["recipe"]) for e in entries][:3] == [
+        (0.5, "reference"),
+        (0.5, "default"),
+        (0.5, "peer"),
+    ]
+    assert entries[-1]["recipe"] == "control"
+    default = entries[1]
     assert default["points_lost"]["mean"] == pytest.approx(0.9)
     assert default["accuracy"]["min"] == pytest.approx(0.89)
     assert default["accuracy"]["max"] == pytest.approx(0.892)
-    assert len(default["change"]) == 2
-    for entry in entries:
-        assert recipe.format_entry(entry)
-    line = recipe.summary(entries)
-    assert "MACs 0.5: default loses 0.90 pts (target <= 0.5: MISSED)" in line
-    assert "MACs 0.35: default/reference loss 0.153 (0.90/5.90 pts; target <= 0.333: met)" in line
-    assert "0.25: +1.00 (seeds +1.00/+1.00: ahead at every seed)" in line  # default - tp
+    line = table.format_entry(default)
+    assert line.split()[:5] == ["0.5", "default", "2", "0.8910", "(0.8900-0.8920)"]
+    assert line.endswith("-1.00[-2.00,+0.00] -0.80[-1.80,+0.20]")
+    summary = table.summary(entries)
+    assert "MACs 0.5: default loses 0.90 pts (target <= 0.5: MISSED)" in summary
+    assert "MACs 0.35: default/reference loss 0.153 (0.90/5.90 pts; target <= 0.333: met)" in (
+        summary
+    )
+    assert "default - peer accuracy, pts:" in summary
+    assert "0.25: +1.00 (seeds +1.00/+1.00: ahead at every seed)" in summary
     # Seeds that disagree on the sign are said to.
     mixed = [dict(row) for row in rows]
     for row in mixed:
-        if row["recipe"] == "torch_pruning" and row["budget"] == 0.5:
+        if row["recipe"] == "peer" and row["budget"] == 0.5:
             row["change_points"] += 2.0 if row["seed"] == 0 else -2.0
-    assert "0.5: +1.00 (seeds -1.00/+3.00: seeds disagree)" in recipe.summary(
-        recipe.aggregate(mixed)
+    assert "0.5: +1.00 (seeds -1.00/+3.00: seeds disagree)" in table.summary(
+        table.aggregate(mixed, [*accuracies, "control"])
     )
-    info = {"convergence": {"converged": True, "reason": "flat"}}
-    assert "the baseline is not converged" in recipe.control_line(entries, info)
-    damaging = recipe.aggregate([made_up_row("control", None, seed, 0.895) for seed in (0, 1)])
-    line = recipe.control_line(damaging, info)
+    converged = {"converged": True, "reason": "flat"}
+    assert "the baseline is not converged" in table.control_line(entries, converged)
+    damaging = table.aggregate(
+        [made_up_row("control", None, seed, 0.895) for seed in (0, 1)], ["control"]
+    )
+    line = table.control_line(damaging, converged)
     assert "-0.50 pts" in line and "the fine-tuning itself costs" in line
-    assert recipe.plot(entries, 0.9, tmp_path / "pareto.png").stat().st_size > 0
+    image = matplotlib.image.imread(table.plot(entries, 0.9, tmp_path / "pareto.png"))
+    assert image.shape[0] > 300 and image.shape[1] > 600  # both panels, not an empty figure
+    assert image[..., :3].std() > 0.05
 
 
-def test_a_resumed_benchmark_states_the_cost_of_its_cached_rows(recipe, tmp_path):
+def test_a_resumed_benchmark_states_the_cost_of_its_cached_rows(recipe, table, tmp_path):
     path = tmp_path / "rows" / "default-b0.5-s1.json"
     here = {"baseline_sha256": "ab", "cpu": "this CPU", "torch": "2.x"}
     fresh = recipe.cached_row(path, lambda: {"accuracy": 0.9}, here)
@@ -149,10 +145,10 @@ def test_a_resumed_benchmark_states_the_cost_of_its_cached_rows(recipe, tmp_path
     assert again == stored | {"cached": True}
     rows = [again, {"accuracy": 0.8, "seconds": 100.0}]
     # 1,000 s of wall time of which the baseline's training took 600: 400 now, 300 earlier.
-    assert recipe.cost_line(rows, 1000.0, 600.0).endswith("took 300 s: 700 s")
-    assert recipe.cost_line(rows, 1000.0, None).endswith("took 300 s: 1300 s")
+    assert table.cost_line(rows, 1000.0, 600.0).endswith("took 300 s: 700 s")
+    assert table.cost_line(rows, 1000.0, None).endswith("took 300 s: 1300 s")
     unknown = [{"accuracy": 0.9, "cached": True}]
-    assert "1 cached rows of unknown cost" in recipe.cost_line(unknown, 10.0, None)
+    assert "1 cached rows of unknown cost" in table.cost_line(unknown, 10.0, None)
 
 
 def test_rows_from_another_machine_or_baseline_are_computed_again(recipe, tmp_path, capsys):
@@ -181,33 +177,32 @@ def test_rows_from_another_machine_or_baseline_are_computed_again(recipe, tmp_pa
     assert recipe.cached_row(path, lambda: {"accuracy": 0.8}, here)["accuracy"] == 0.8
 
 
-@pytest.mark.skipif(not HAS_TORCH_PRUNING, reason="needs the benchmarks extra (torch-pruning)")
-def test_torch_pruning_recipe_lands_in_the_macs_budget(recipe):
-    """At MACs 0.25 channels rounded to 8 jump from 0.262 to 0.212 of the baseline's MACs: the
-    search goes on unrounded and lands in [B - 0.02, B]; the baseline is left whole."""
-    shape = (3, 32, 32)
-    model = mobilenet_v2(num_classes=10, head=[1024, 512, 128])  # conf/model/mobilenet_v2.yaml
-    base = count_macs(model, shape)
-    pruned, info = recipe.torch_pruning_to_budget(model, 0.25, shape, 0.02, 4, 8)
-    assert 0.23 <= count_macs(pruned, shape) / base <= 0.25
-    assert info["tp_round_to"] is None
-    assert count_macs(model, shape) == base
-
-
-@pytest.mark.skipif(not HAS_TORCH_PRUNING, reason="needs the benchmarks extra (torch-pruning)")
-def test_torch_pruning_fine_tunes_between_its_steps_as_the_pipeline_does(recipe):
-    """finetune.between_steps reaches Torch-Pruning too: after every step but the last, on the
-    model that step left (its README's "finetune your model here")."""
-    shape = (3, 32, 32)
-    model = mobilenet_v2(num_classes=10, head=[1024, 512, 128])
-    seen = []
-
-    def between(index, pruned):
-        seen.append((index, count_macs(pruned, shape)))
-        pruned.features[0][0].weight.data.zero_()  # stands for fine-tuned weights
-
-    pruned = recipe.torch_pruning_model(model, 0.5, shape, 3, 8, between)
-    assert [index for index, _ in seen] == [1, 2]
-    assert count_macs(model, shape) > seen[0][1] > seen[1][1] > count_macs(pruned, shape)
-    # The later steps pruned the model the callback changed, not a copy of it.
-    assert not pruned.features[0][0].weight.any()
+@pytest.mark.slow
+def test_the_benchmark_runs_the_pipeline_and_resumes(recipe, tmp_path, capsys):
+    """A tiny benchmark end to end: one baseline, every recipe pruned to the MACs budget by the
+    pipeline, the control, the table; run again, every row comes from its file."""
+    root = make_fashion_files(tmp_path / "fashion", train=300, test=60)
+    argv = [
+        *("--train-limit", "200", "--baseline-epochs", "1", "--finetune-epochs", "1"),
+        *("--budgets", "0.5", "--seeds", "1", "--output-root", str(tmp_path / "out")),
+        *("--json", str(tmp_path / "rows.json")),
+        f"dataset.root={root}",
+        *("max_batches=2", "pruner.training_steps=2", "pruner.recalibration_batches=2"),
+        *("measure.repeats=3", "measure.warmup=1", "measure.rounds=2"),
+    ]
+    recipe.main(argv)
+    first = json.loads((tmp_path / "rows.json").read_text())
+    recipes = {row["recipe"] for row in first["rows"]}
+    assert recipes == {*group_choices("recipe"), "control"}
+    for row in first["rows"]:
+        if row["recipe"] != "control":
+            assert row["met"] and row["macs_ratio"] <= 0.5  # the pipeline's own budget search
+            assert 0.0 < row["sparsity"] < 1.0
+        assert row["provenance"]["budget_search"] == SEARCH_METHOD
+    out = capsys.readouterr().out
+    assert "MACs 0.5: default loses" in out and "control (fine-tuning alone" in out
+    recipe.main(argv)
+    again = json.loads((tmp_path / "rows.json").read_text())
+    assert all(row.get("cached") for row in again["rows"])
+    assert [row["accuracy"] for row in again["rows"]] == [row["accuracy"] for row in first["rows"]]
+    assert f"0 rows computed now, {len(first['rows'])} cached rows" in capsys.readouterr().out

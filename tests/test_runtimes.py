@@ -13,12 +13,12 @@ import torch
 from torch import nn
 
 from conftest import ROOT, run_cli
-from pipeline.config import check_command_line
+from pipeline.config.sweep_plan import check_command_line
 from pipeline.errors import ConfigError, RuntimeUnavailableError
-from pipeline.inference import inference_model
-from pipeline.layer_profile import KINDS, layer_kind, macs_by_kind, profile_by_kind
-from pipeline.model_stats import count_macs
-from pipeline.models import mobilenet_v2
+from pipeline.measure.runtime_forms import inference_model
+from pipeline.models.layer_profile import KINDS, layer_kind, macs_by_kind, profile_by_kind
+from pipeline.models.stats import count_macs
+from pipeline.models.zoo import mobilenet_v2
 from pipeline.run import run
 from test_inference import needs_compile
 

@@ -10,10 +10,11 @@ import torch
 
 from conftest import digits_inputs
 from pipeline import load_pruned
-from pipeline.cache import load_weights
-from pipeline.config import compose, settings_from
+from pipeline.config.checks import settings_from
+from pipeline.config.compose import compose
 from pipeline.errors import WeightsUnavailableError
-from pipeline.models import load_state_dict, mobilenet_v2
+from pipeline.models.baseline_cache import load_weights
+from pipeline.models.zoo import load_state_dict, mobilenet_v2
 from pipeline.stages.baseline import baseline
 
 

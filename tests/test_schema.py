@@ -1,6 +1,7 @@
 import pytest
 
-from pipeline.config import check_command_line
+from pipeline.config.schema import Activation
+from pipeline.config.sweep_plan import check_command_line
 from pipeline.errors import ConfigError
 
 
@@ -8,14 +9,6 @@ from pipeline.errors import ConfigError
     ("override", "expected"),
     [
         ("pruner=magnitude", "pruner='magnitude' is not allowed; allowed values: apoz, mean_rank"),
-        (
-            "pruner.lrr=0.1",
-            "pruner.lrr is not a setting; allowed keys: _target_, mode, activation, training_steps,"
-            " batch_size, statistics, lr, config_list, exclude_last_layer, confidence,"
-            " pruning_on_cuda, round_to, sparsity_scale, iterations, recalibration_batches,"
-            " recalibrate,"
-            " trace_input_size",
-        ),
         ("baseline.epochs=x", "baseline.epochs='x' is not allowed; allowed values: an integer"),
         (
             "finetune.optimizer._target_=torch.optim.Nope",
@@ -86,12 +79,25 @@ def test_a_missing_mandatory_value_names_the_key(tiny):
     )
 
 
-def test_good_settings_come_back_typed(tiny):
-    settings = tiny("pruner=apoz", "pruner.activation=relu6", "sparsity=0.3")
+def test_a_mistyped_key_lists_the_keys_that_exist(tiny, tiny_config):
+    """A typo is answered with the keys of its section, so the user can see the right one."""
+    with pytest.raises(ConfigError) as caught:
+        tiny("pruner.lrr=0.1")
+    line = str(caught.value)
+    assert line.startswith("pruner.lrr is not a setting; allowed keys: ") and "\n" not in line
+    listed = line.split("allowed keys: ")[1].split(", ")
+    assert "lr" in listed
+    assert set(listed) == set(tiny_config().pruner)  # the keys the pruner section has
+
+
+def test_command_line_values_come_back_as_the_types_the_stages_use(tiny):
+    """Hydra reads `1` and `0.3` as text-like values; the stages get the schema's types, and a
+    choice comes back as its enum, whatever way it was written."""
+    settings = tiny("pruner=apoz", "pruner.activation=relu6", "sparsity=0.3", "baseline.lr=1")
+    assert isinstance(settings.baseline.lr, float) and settings.baseline.lr == 1.0
+    assert isinstance(settings.pruner.iterations, int)
+    assert settings.pruner.activation == Activation.relu6
     assert settings.pruner._target_.endswith(".ActivationAPoZRankPruner")
-    assert settings.pruner.activation == "relu6"
-    assert settings.sparsity == 0.3
-    assert settings.finetune.epochs == 1
 
 
 def test_every_job_of_a_command_line_is_checked_before_any_runs():

@@ -1,5 +1,5 @@
 """Searches with the Optuna sweeper (conf/sweep/search_*.yaml) and the values a job returns to
-it (pipeline.objectives)."""
+it (pipeline.sweeps.objectives)."""
 
 from __future__ import annotations
 
@@ -17,8 +17,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from conftest import ROOT, TINY, run_cli
-from pipeline.config import CONFIG_MODULE, CONFIG_NAME, compose, settings_from
-from pipeline.objectives import FAILED, constrained_sparsity, objective
+from pipeline.config.checks import settings_from
+from pipeline.config.compose import CONFIG_MODULE, CONFIG_NAME, compose
+from pipeline.sweeps.objectives import FAILED, constrained_sparsity, objective
 
 
 def record(accuracy=0.9, change=-0.5, ci_low=-2.0, macs=1e6, p50=3.0) -> dict:

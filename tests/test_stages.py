@@ -12,16 +12,16 @@ from hydra.utils import instantiate
 from safetensors.torch import save_file
 from torch import nn
 
-import pipeline.nni_adapter as nni_adapter
-import pipeline.training as training
+import pipeline.pruning.nni.adapter as nni_adapter
+import pipeline.training.loop as training
 from conftest import digits_inputs, prune_digits_model
-from pipeline.data import Loaders, make_loaders
+from pipeline.data.datasets import Loaders, make_loaders
 from pipeline.errors import SpeedupError
-from pipeline.model_stats import count_params
-from pipeline.models import mobilenet_v2
+from pipeline.models.stats import count_params
+from pipeline.models.zoo import mobilenet_v2
 from pipeline.run import baseline_cache_path, run
 from pipeline.stages.baseline import baseline
-from pipeline.training import EvalResult, evaluate, fit
+from pipeline.training.loop import EvalResult, evaluate, fit
 
 # A pass through prune/speedup/finetune that costs next to nothing: an empty NNI config list
 # masks no channel, so speedup has nothing to do; for tests about the other stages.
@@ -216,14 +216,14 @@ def test_speedup_retries_on_a_fresh_copy_with_four_times_the_samples(monkeypatch
     monkeypatch.setattr(nni_adapter, "model_speedup", first_attempt_fails)
     model = small_convnet()
     before = count_params(model)
-    with caplog.at_level(logging.WARNING, logger="pipeline.nni_adapter"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.pruning.nni.adapter"):
         smaller = nni_adapter.speedup(model, half_of_first_conv(model), (3, 16, 16), 8)
 
     assert confidences == [8, 32]
     assert smaller[0].out_channels == 8 and smaller[3].in_channels == 8
     assert count_params(smaller) < before
     assert smaller(torch.randn(2, 3, 16, 16)).shape == (2, 4)
-    ours = [r.getMessage() for r in caplog.records if r.name == "pipeline.nni_adapter"]
+    ours = [r.getMessage() for r in caplog.records if r.name == "pipeline.pruning.nni.adapter"]
     assert len(ours) == 1 and "speedup attempt 1 failed" in ours[0], ours
 
 
@@ -237,13 +237,13 @@ def test_speedup_gives_up_after_a_last_try_at_the_real_input_size(monkeypatch, c
     monkeypatch.setattr(nni_adapter, "model_speedup", always_fails)
     model = small_convnet()
     with (
-        caplog.at_level(logging.WARNING, logger="pipeline.nni_adapter"),
+        caplog.at_level(logging.WARNING, logger="pipeline.pruning.nni.adapter"),
         pytest.raises(SpeedupError, match="inconsistent layer widths"),
     ):
         nni_adapter.speedup(model, half_of_first_conv(model), (3, 32, 32), 8, trace_size=8)
 
     assert attempts == [((3, 8, 8), 8), ((3, 8, 8), 32), ((3, 32, 32), 32)]
-    assert sum(r.name == "pipeline.nni_adapter" for r in caplog.records) == 2
+    assert sum(r.name == "pipeline.pruning.nni.adapter" for r in caplog.records) == 2
 
 
 def test_each_speedup_attempt_starts_from_the_pruners_masks(monkeypatch):

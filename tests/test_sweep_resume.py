@@ -14,10 +14,14 @@ import pytest
 from mlflow import MlflowClient
 
 from conftest import ROOT, TINY, run_cli
-from pipeline.config import compose, job_overrides, settings_from
+from pipeline.config.checks import settings_from
+from pipeline.config.compose import compose
+from pipeline.config.identity import config_identity
+from pipeline.config.sweep_plan import job_overrides
 from pipeline.files import write_json
-from pipeline.jobs import JobOutcome, config_identity, finished_before
-from pipeline.report.summary import summary_rows, write_summary
+from pipeline.report.sweep_table import summary_rows, write_summary
+from pipeline.sweeps.outcomes import JobOutcome
+from pipeline.sweeps.resume import finished_before
 
 # Job 0 is quick, job 1 fine-tunes long enough to be killed in the middle.
 SWEEP = [

@@ -16,8 +16,8 @@ import torch
 from mlflow import MlflowClient
 
 from conftest import ROOT, TINY, headless_browser, needs_chromium, run_cli
-from pipeline.config import settings_from
-from pipeline.tracking import tracked_run
+from pipeline.config.checks import settings_from
+from pipeline.tracking.mlflow_tracker import tracked_run
 
 EXPERIMENT = "pruning"
 
@@ -37,6 +37,7 @@ def sweep_store(tmp_path_factory) -> Path:
     return output_root
 
 
+@pytest.mark.slow
 def test_sweep_gives_a_parent_and_finished_children(sweep_store):
     mlflow.set_tracking_uri(store_uri(sweep_store))
     runs = mlflow.search_runs(experiment_names=[EXPERIMENT])
@@ -91,12 +92,12 @@ def test_sweep_gives_a_parent_and_finished_children(sweep_store):
 
 def test_a_stage_that_raises_leaves_a_failed_run_with_the_error(tiny_config, tmp_path, monkeypatch):
     import pipeline.run as pipeline_run
-    import pipeline.stages.speedup as speedup_stage
+    from pipeline.pruning.nni.engine import NniEngine
 
     def broken_speedup(*args, **kwargs):
         raise RuntimeError("speedup exploded")
 
-    monkeypatch.setattr(speedup_stage, "nni_speedup", broken_speedup)
+    monkeypatch.setattr(NniEngine, "narrow", broken_speedup)
     cfg = tiny_config()
     with pytest.raises(RuntimeError), tracked_run(cfg, "broken") as tracker:
         pipeline_run.run(settings_from(cfg), tmp_path / "run", tracker)
@@ -186,6 +187,7 @@ def api(url: str, path: str, body: dict) -> dict:
         return json.load(answer)
 
 
+@pytest.mark.slow
 def test_server_rest_api_lists_the_sweep(mlflow_server):
     experiment = api(mlflow_server, "experiments/search", {"max_results": 10})["experiments"]
     (pruning,) = [e for e in experiment if e["name"] == EXPERIMENT]
@@ -197,6 +199,7 @@ def test_server_rest_api_lists_the_sweep(mlflow_server):
     assert {"mean_rank sparsity=0.05", "mean_rank sparsity=0.15"} <= names
 
 
+@pytest.mark.slow
 @needs_chromium
 def test_experiment_page_lists_the_runs_in_a_browser(mlflow_server):
     from selenium.webdriver.common.by import By
@@ -245,8 +248,8 @@ def test_cuda_run_logs_gpu_utilisation_and_memory_series(tiny_config, tmp_path):
 
 
 def test_logged_params_hold_choices_as_typed_not_enum_names():
-    from pipeline.config import compose
-    from pipeline.tracking import _resolved_or_raw, flatten
+    from pipeline.config.compose import compose
+    from pipeline.tracking.mlflow_tracker import _resolved_or_raw, flatten
 
     params = flatten(_resolved_or_raw(compose(["device=cpu", "pruner.mode=normal"])))
     assert (params["device"], params["pruner.mode"]) == ("cpu", "normal")

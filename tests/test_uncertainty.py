@@ -3,9 +3,9 @@ what the summary table says about them."""
 
 import pytest
 
-from pipeline.convergence import check_convergence
+from pipeline.measure.uncertainty import accuracy_change, latency_ratio, mcnemar_exact
 from pipeline.report import accuracy_cell, latency_cell
-from pipeline.uncertainty import accuracy_change, latency_ratio, mcnemar_exact
+from pipeline.training.convergence import check_convergence
 
 
 def predictions(images: int, only_baseline: int, only_pruned: int, both_wrong: int = 0):

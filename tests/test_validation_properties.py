@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from pipeline.config import check_command_line
+from pipeline.config.sweep_plan import check_command_line
 from pipeline.errors import ConfigError
 
 CONFIG_LISTS = [
@@ -79,6 +79,7 @@ def image_tree(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 @settings(
     max_examples=60,
     deadline=None,

@@ -18,28 +18,26 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from pipeline import jobs
-from pipeline.config import (
-    BUDGET_KINDS,
-    SEARCH_PATH,
-    check_command_line,
-    compose,
-    settings_from,
-    tracking_store,
-)
-from pipeline.errors import ConfigError, PipelineError
+from pipeline.config.checks import BUDGET_KINDS, settings_from
+from pipeline.config.compose import SEARCH_PATH, compose
+from pipeline.config.identity import config_identity
+from pipeline.config.preflight import check_inputs, check_tracking_server
+from pipeline.config.sweep_plan import check_command_line
+from pipeline.errors import ConfigError, PipelineError, one_line
 from pipeline.files import write_json
-from pipeline.jobs import RECORD_FILE, config_identity, finished_before, write_outcome
-from pipeline.objectives import FAILED, objective
-from pipeline.preflight import check_inputs, check_tracking_server
+from pipeline.sweeps.objectives import FAILED, objective
+from pipeline.sweeps.outcomes import RECORD_FILE, write_job_outcome
+from pipeline.sweeps.resume import finished_before
+from pipeline.tracking.store import tracking_store
 
 
 @hydra.main(version_base="1.3", config_path=SEARCH_PATH, config_name="config")
 def job(cfg: DictConfig) -> float | list[float] | None:
-    """One run; returns what a Hydra sweeper optimises (pipeline.objectives: the pruned
+    """One run; returns what a Hydra sweeper optimises (pipeline.sweeps.objectives: the pruned
     accuracy unless search.objective says otherwise), None for a failed job of a sweep."""
+    # Imported here: a rejected command line exits before paying for torch and MLflow.
     from pipeline.run import run
-    from pipeline.tracking import IDENTITY_TAG, one_line, tracked_run
+    from pipeline.tracking.mlflow_tracker import IDENTITY_TAG, tracked_run
 
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
@@ -49,22 +47,31 @@ def job(cfg: DictConfig) -> float | list[float] | None:
     target = budgets[0] if budgets else f"sparsity={cfg.get('sparsity')}"
     run_name = f"{hydra_cfg.runtime.choices.get('pruner')} {target}"
     sweeping = hydra_cfg.mode == RunMode.MULTIRUN
-    done = _finished_before(cfg)
-    if done is not None:
-        settings, earlier = done
+    # Built once: the resume lookup, the checks and the run all read these settings. Settings
+    # that do not check fail inside the tracked run, so that they leave a FAILED run.
+    try:
+        settings, invalid = settings_from(cfg), None
+    except ConfigError as error:
+        settings, invalid = None, error
+    identity = None if settings is None else config_identity(settings)
+    earlier = None
+    if settings is not None and not settings.force:
+        earlier = finished_before(settings, identity)
+    if earlier is not None:
         what = " ".join(hydra_cfg.overrides.task) or "this run"
         print(f"skipped: {what} finished before ({earlier.where}); force=true runs it again")
         write_json(earlier.record, run_dir / RECORD_FILE)  # for the sweep's summary and report
-        write_outcome(run_dir, "skipped", earlier=earlier.where)
+        write_job_outcome(run_dir, "skipped", earlier=earlier.where)
         return objective(earlier.record, settings)
     try:
         with tracked_run(cfg, run_name, log_file) as tracker:
             tracker.set_tags(
                 {f"choice.{group}": str(choice) for group, choice in _choices(hydra_cfg).items()}
             )
-            settings = settings_from(cfg)
+            if invalid is not None:
+                raise invalid
             check_inputs(settings)  # again: a sweeper's sampled values were not pre-checked
-            tracker.set_tags({IDENTITY_TAG: config_identity(settings)})
+            tracker.set_tags({IDENTITY_TAG: identity})
             record = run(settings, run_dir, tracker)
     except Exception as error:
         expected = isinstance(error, PipelineError)
@@ -73,26 +80,13 @@ def job(cfg: DictConfig) -> float | list[float] | None:
             _traceback_to_log_file(error)
         print(f"error: {line}", file=sys.stderr)
         if sweeping:  # the job fails alone (a FAILED run); the other jobs of the sweep run
-            write_outcome(run_dir, "failed", error=line)
+            write_job_outcome(run_dir, "failed", error=line)
             return FAILED
         if expected:
             sys.exit(2)
         raise
-    write_outcome(run_dir, "finished")
+    write_job_outcome(run_dir, "finished")
     return objective(record, settings)
-
-
-def _finished_before(cfg: DictConfig):
-    """(settings, the earlier run) when these settings already FINISHED and force is false;
-    None otherwise, also for settings that do not check (the tracked run reports those)."""
-    try:
-        settings = settings_from(cfg)
-    except ConfigError:
-        return None
-    if settings.force:
-        return None
-    earlier = finished_before(settings, config_identity(settings))
-    return (settings, earlier) if earlier is not None else None
 
 
 def _traceback_to_log_file(error: BaseException) -> None:
@@ -133,7 +127,7 @@ def record_rejected_run(args: list[str], error: ConfigError) -> None:
             return
         key, uri = tracking_store(settings)
         check_tracking_server(uri, key)
-        from pipeline.tracking import tracked_run
+        from pipeline.tracking.mlflow_tracker import tracked_run
 
         with contextlib.suppress(ConfigError), tracked_run(cfg, run_name="rejected"):
             raise error
@@ -158,13 +152,4 @@ def main() -> None:
             sys.exit(2)
         for error in doomed:
             print(f"warning: a job of this sweep will fail: {error}", file=sys.stderr, flush=True)
-    job()
-    # Read back from the jobs' outcome files by the end-of-sweep callback, whatever process
-    # ran them (joblib, submitit or Ray workers).
-    failed = [o for o in jobs.last_sweep if o.failed]
-    if failed:
-        print(f"{len(failed)} of {len(jobs.last_sweep)} jobs failed:", file=sys.stderr)
-        for outcome in failed:
-            reason = outcome.error or outcome.status
-            print(f"  job {outcome.number} ({jobs.swept(outcome)}): {reason}", file=sys.stderr)
-        sys.exit(2)
+    job()  # a sweep with a failed job exits 2 from its end callback (pipeline.sweep_end)

@@ -7,6 +7,11 @@ def first_line(error: BaseException, limit: int = 200) -> str:
     return text.splitlines()[0][:limit] if text else ""
 
 
+def one_line(error: BaseException, limit: int = 5000) -> str:
+    """`Type: first line` of an unexpected error: the console line and the run's error tag."""
+    return f"{type(error).__name__}: {first_line(error, limit)}"[:limit]
+
+
 class PipelineError(Exception):
     """An expected failure; the command line prints its message alone and exits non-zero."""
 
@@ -33,3 +38,8 @@ class RuntimeUnavailableError(PipelineError):
 
 class UnsupportedModelError(PipelineError):
     """NNI cannot prune or speed up this model: an operation it cannot trace a channel through."""
+
+
+class EmptyLayerError(PipelineError):
+    """A sparsity that leaves a layer without a channel: too much (the budget search's probes
+    count it as past the target)."""

@@ -10,6 +10,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import filelock
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path, directory: bool = False) -> Iterator[Path]:
@@ -42,18 +44,10 @@ def write_json(record: dict, path: str | Path) -> Path:
     return Path(path)
 
 
-@contextlib.contextmanager
-def file_lock(path: str | Path) -> Iterator[None]:
-    """Hold an exclusive lock on `<path>.lock` (created if needed) while the block runs, so that
-    concurrent jobs and pipelines on the same output root make a file once: the first makes it,
-    the others wait and then find it. The lock goes with the process, even on SIGKILL."""
-    import fcntl
-
+def file_lock(path: str | Path) -> filelock.FileLock:
+    """An exclusive lock on `<path>.lock` for a `with` block, so that concurrent jobs and
+    pipelines on the same output root make a file once: the first makes it, the others wait and
+    then find it. On Unix it is an flock, which goes with the process, even on SIGKILL."""
     lock_path = Path(f"{path}.lock")
     lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    return filelock.FileLock(lock_path)

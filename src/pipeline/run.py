@@ -2,54 +2,41 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-import hashlib
 import logging
-import random
 from pathlib import Path
 
-import numpy as np
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from pipeline.cache import cache_key
-from pipeline.config import asked_budget, plain
-from pipeline.data import DataSplits, StageInputs, make_loaders
+from pipeline.config.checks import asked_budget
+from pipeline.config.identity import config_identity
+from pipeline.config.schema import RunSettings, plain
+from pipeline.data.datasets import DataSplits, StageInputs, make_loaders
 from pipeline.errors import UnsupportedModelError
-from pipeline.export import build_from_config, export_onnx, save_pruned
 from pipeline.files import atomic_path, write_json
-from pipeline.jobs import RECORD_FILE, config_identity
-from pipeline.model_stats import count_params
-from pipeline.monitor import StageMonitor
-from pipeline.plots import resource_usage, training_curves
+from pipeline.models.baseline_cache import baseline_cache_path
+from pipeline.models.pruned import export_onnx, save_pruned
+from pipeline.models.stats import count_params
+from pipeline.models.zoo import build_from_config
+from pipeline.pruning.budget import BudgetSearch, sparsity_for_budget
+from pipeline.pruning.budget import achieved as budget_achieved
+from pipeline.pruning.steps import prune_step
 from pipeline.report import summary_table
-from pipeline.schema import RunSettings
+from pipeline.report.run_plots import resource_usage, training_curves
 from pipeline.stages.baseline import baseline
-from pipeline.stages.budget import achieved as budget_achieved
-from pipeline.stages.budget import sparsity_for_budget
 from pipeline.stages.finetune import finetune, split_epochs
-from pipeline.stages.iterative import prune_in_steps
 from pipeline.stages.measure import measure, quality
 from pipeline.stages.prune import save_masks
-from pipeline.tracking import NullTracker, Tracker
-from pipeline.training import evaluate
+from pipeline.sweeps.outcomes import RECORD_FILE
+from pipeline.tracking.monitor import StageMonitor
+from pipeline.tracking.tracker import NullTracker, Tracker
+from pipeline.training.loop import evaluate
+from pipeline.training.seeding import seed_everything, seed_stage
 
 log = logging.getLogger(__name__)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def seed_stage(seed: int, stage: str) -> None:
-    """Seed the global generators from the run's seed and the stage's name, so that a stage
-    draws the same numbers whatever the stages before it drew: a run whose baseline came from
-    the cache prunes and fine-tunes exactly like the run that trained it."""
-    digest = hashlib.sha256(f"{seed}/{stage}".encode()).digest()
-    seed_everything(int.from_bytes(digest[:4], "little"))
 
 
 def resolve_device(choice: str) -> torch.device:
@@ -61,26 +48,14 @@ def resolve_device(choice: str) -> torch.device:
     return torch.device(choice)
 
 
-def baseline_cache_path(settings: RunSettings) -> Path | None:
-    """Where a baseline trained from these settings is cached: a hash of everything that
-    decides its weights (model, data, the training settings, the loss, the batch cap, the seed)."""
-    if not settings.baseline.cache or settings.baseline.checkpoint:
-        return None
-    training = {
-        key: value
-        for key, value in plain(settings)["baseline"].items()
-        # The memory layout changes float rounding, not the recipe (as the device does not).
-        if key not in ("checkpoint", "cache", "convergence", "channels_last")
-    }
-    key = cache_key(
-        settings.model,
-        settings.dataset,
-        training,
-        settings.criterion,
-        settings.max_batches,
-        settings.seed,
+def stage_inputs(
+    settings: RunSettings, splits: DataSplits, criterion, batch_size: int, device: torch.device
+) -> StageInputs:
+    """A stage's loaders (shuffled from settings.seed), loss and device."""
+    loaders = make_loaders(
+        splits, batch_size, settings.seed, settings.num_workers, settings.max_batches
     )
-    return Path(settings.paths.cache_dir) / "baselines" / f"{key}.safetensors"
+    return StageInputs(loaders, criterion, device, splits.input_shape)
 
 
 def run(settings: RunSettings, run_dir: Path, tracker: Tracker | None = None) -> dict:
@@ -95,19 +70,20 @@ def run(settings: RunSettings, run_dir: Path, tracker: Tracker | None = None) ->
     splits: DataSplits = instantiate(settings.dataset)
     criterion = instantiate(settings.criterion)
 
-    def inputs(batch_size: int, on: torch.device) -> StageInputs:
-        loaders = make_loaders(
-            splits, batch_size, settings.seed, settings.num_workers, settings.max_batches
-        )
-        return StageInputs(loaders, criterion, on, splits.input_shape)
-
-    baseline_inputs = inputs(settings.baseline.batch_size, device)
-    prune_inputs = inputs(settings.pruner.batch_size, prune_device)
-    finetune_inputs = inputs(settings.finetune.batch_size, device)
+    baseline_inputs = stage_inputs(
+        settings, splits, criterion, settings.baseline.batch_size, device
+    )
+    prune_inputs = stage_inputs(
+        settings, splits, criterion, settings.pruner.batch_size, prune_device
+    )
+    finetune_inputs = stage_inputs(
+        settings, splits, criterion, settings.finetune.batch_size, device
+    )
     # Both models are evaluated on these very batches: the accuracy comparison is paired.
     test_loader = finetune_inputs.loaders.test
 
     with StageMonitor(settings.tracking.sample_interval_s, tracker) as monitor:
+        # 1. baseline
         with monitor.stage("baseline"):
             seed_stage(settings.seed, "baseline")
             base = baseline(
@@ -120,34 +96,59 @@ def run(settings: RunSettings, run_dir: Path, tracker: Tracker | None = None) ->
         if base.convergence is not None:
             tracker.set_tags({"baseline.converged": str(base.convergence.converged).lower()})
 
-        # finetune.between_steps epochs after each pruning step but the last, the rest after it.
-        between_epochs, final_epochs = split_epochs(settings.finetune, settings.pruner.iterations)
-
-        def tune_between(index: int, model: torch.nn.Module) -> tuple[torch.nn.Module, float]:
-            with monitor.stage("finetune"):
-                seed_stage(settings.seed, f"finetune/step{index}")
-                step_settings = dataclasses.replace(settings.finetune, epochs=between_epochs)
-                tuned = finetune(model, finetune_inputs, step_settings, teacher=base.model)
-            best = max(row["val_accuracy"] for row in tuned.history)
-            return tuned.model.to(prune_inputs.device), best
-
+        # 2 + 3. prune and speed up, in pruner.iterations steps, to a sparsity or a budget
         seed_stage(settings.seed, "prune")
-        try:
-            pruned_model, pruning = prune_stages(
-                base.model,
-                settings,
-                prune_inputs,
-                monitor,
-                run_dir / "masks.safetensors",
-                tune_between if between_epochs else None,
+        sparsity, search, pruner = settings.sparsity, None, settings.pruner
+        if asked_budget(settings.budget) is not None:
+            with monitor.stage("prune"):  # the search prunes too
+                search = sparsity_for_budget(
+                    base.model, prune_inputs, pruner, settings.budget, settings.measure
+                )
+            sparsity = search.sparsity
+            # The search may have landed only with a finer rounding than pruner.round_to.
+            pruner = dataclasses.replace(pruner, round_to=search.round_to)
+            log.info(search.describe())
+        # finetune.between_steps epochs after each pruning step but the last, the rest after it.
+        between_epochs, final_epochs = split_epochs(settings.finetune, pruner.iterations)
+        current, tied = copy.deepcopy(base.model), None
+        steps, masks_by_step, config_list = [], [], []
+        for index in range(1, pruner.iterations + 1):
+            try:
+                step = prune_step(
+                    current, prune_inputs, pruner, sparsity, index, tied, monitor.stage
+                )
+            except UnsupportedModelError as error:
+                raise UnsupportedModelError(f"{model_label(settings.model)}: {error}") from error
+            current, tied, config_list = step.model, step.tied, step.config_list
+            masks_by_step.append(step.masks)
+            val = evaluate(current, prune_inputs.loaders.val, criterion, prune_device, "val")
+            steps.append(
+                {
+                    "step": index,
+                    "params": count_params(current),
+                    "val_accuracy": val.accuracy,
+                    "batchnorm_reestimated": step.recalibrated,
+                }
             )
-        except UnsupportedModelError as error:
-            raise UnsupportedModelError(f"{model_label(settings.model)}: {error}") from error
+            if between_epochs and index < pruner.iterations:
+                with monitor.stage("finetune"):
+                    seed_stage(settings.seed, f"finetune/step{index}")
+                    tuned = finetune(
+                        current,
+                        finetune_inputs,
+                        dataclasses.replace(settings.finetune, epochs=between_epochs),
+                        teacher=base.model,
+                    )
+                current = tuned.model.to(prune_device)
+                steps[-1]["finetuned_val_accuracy"] = max(r["val_accuracy"] for r in tuned.history)
+            log_prune_step(tracker, steps[-1], pruner.iterations)
+        save_masks(masks_by_step, run_dir / "masks.safetensors")
 
+        # 4. finetune
         with monitor.stage("finetune"):
             seed_stage(settings.seed, "finetune")
             tuned = finetune(
-                pruned_model,
+                current,
                 finetune_inputs,
                 dataclasses.replace(settings.finetune, epochs=final_epochs),
                 teacher=base.model,
@@ -160,6 +161,7 @@ def run(settings: RunSettings, run_dir: Path, tracker: Tracker | None = None) ->
                 ),
             )
 
+        # 5. measure
         with monitor.stage("measure"):
             seed_stage(settings.seed, "measure")
             measurements = measure(
@@ -178,12 +180,15 @@ def run(settings: RunSettings, run_dir: Path, tracker: Tracker | None = None) ->
     if settings.measure.onnx:
         export_onnx(tuned.model, splits.input_shape, model_dir / "model.onnx")
 
-    if pruning["budget"] is not None:
-        kind = pruning["budget"]["kind"]
-        final = budget_achieved(
-            kind, measurements["baseline"], measurements["pruned"], measurements["latency_ratio"]
-        )
-        pruning["budget"] |= {"final": final, "met": final <= pruning["budget"]["target"]}
+    pruning = {
+        "config_list": config_list,
+        "device": prune_device.type,
+        "iterations": settings.pruner.iterations,
+        "finetune_between_steps": settings.finetune.between_steps if between_epochs else 0,
+        "steps": steps,
+        "sparsity": sparsity,
+        "budget": None if search is None else budget_summary(search, measurements),
+    }
     record = measurements | {
         "stages": monitor.stage_seconds,
         "resources": monitor.stage_summaries,
@@ -199,7 +204,7 @@ def run(settings: RunSettings, run_dir: Path, tracker: Tracker | None = None) ->
         "config_identity": config_identity(settings),
     }
     write_json(record, run_dir / RECORD_FILE)
-    write_outcome(tracker, record, monitor, run_dir)
+    log_finished_run(tracker, record, monitor, run_dir)
     print(summary_table(record))
     return record
 
@@ -211,97 +216,31 @@ def model_label(model_settings) -> str:
     return f"model.name={name}" if name else f"model._target_={target}"
 
 
-def prune_stages(
-    model: torch.nn.Module,
-    settings: RunSettings,
-    inputs: StageInputs,
-    monitor: StageMonitor,
-    masks_path: Path,
-    tune_between=None,
-) -> tuple[torch.nn.Module, dict]:
-    """Stages 2 and 3 (in pruner.iterations steps), each step's size and validation accuracy
-    logged; returns the physically smaller model and a summary for measurements.json.
-    `tune_between(index, model) -> (model, best val accuracy)` fine-tunes after every step but
-    the last (finetune.between_steps)."""
-    steps = []
-    sparsity, search = settings.sparsity, None
-    if asked_budget(settings.budget) is not None:
-        with monitor.stage("prune"):  # the search prunes too
-            search = sparsity_for_budget(
-                model, inputs, settings.pruner, settings.budget, settings.measure
-            )
-        sparsity = search.sparsity
-        log.info(
-            "budget.%s=%s: sparsity %.4f (%s ratio %.4f, %d prunings, round_to %s)",
-            search.kind,
-            search.target,
-            sparsity,
-            search.kind,
-            search.achieved,
-            len(search.evaluations),
-            search.round_to,
-        )
-
-    def after_step(index: int, current: torch.nn.Module, recalibrated: bool) -> None:
-        val = evaluate(current, inputs.loaders.val, inputs.criterion, inputs.device, "val")
-        # Under pruner.recalibrate=last_step the steps before the last run on the unpruned
-        # network's BatchNorm statistics: their accuracy says little of what the step cost.
-        row = {
-            "step": index,
-            "params": count_params(current),
-            "val_accuracy": val.accuracy,
-            "batchnorm_reestimated": recalibrated,
-        }
-        steps.append(row)
-        monitor.tracker.log_metrics(
-            {
-                "prune_step.params": row["params"],
-                "prune_step.val_accuracy": val.accuracy,
-                "prune_step.batchnorm_reestimated": float(recalibrated),
-            },
-            step=index,
-        )
-        log.info("prune step %d/%d: %s", index, settings.pruner.iterations, row)
-
-    # The budget search may have landed only with a finer rounding than pruner.round_to.
-    pruner = (
-        settings.pruner
-        if search is None
-        else dataclasses.replace(settings.pruner, round_to=search.round_to)
-    )
-
-    def between(index: int, current: torch.nn.Module) -> torch.nn.Module:
-        tuned, accuracy = tune_between(index, current)
-        steps[-1]["finetuned_val_accuracy"] = accuracy
-        monitor.tracker.log_metrics({"prune_step.finetuned_val_accuracy": accuracy}, step=index)
-        log.info(
-            "prune step %d/%d: fine-tuned, val accuracy %.4f", index, pruner.iterations, accuracy
-        )
-        return tuned
-
-    result = prune_in_steps(
-        model,
-        inputs,
-        pruner,
-        sparsity,
-        stage=monitor.stage,
-        on_step=after_step,
-        between=between if tune_between is not None else None,
-    )
-    save_masks(result.masks_by_step, masks_path)
-    summary = {
-        "config_list": result.config_list,
-        "device": inputs.device.type,
-        "iterations": settings.pruner.iterations,
-        "finetune_between_steps": 0 if tune_between is None else settings.finetune.between_steps,
-        "steps": steps,
-        "sparsity": sparsity,
-        "budget": None if search is None else search.as_dict(),
+def log_prune_step(tracker: Tracker, row: dict, iterations: int) -> None:
+    """One pruning step's size and validation accuracy (and, with finetune.between_steps, its
+    accuracy after the fine-tuning that followed it)."""
+    # Under pruner.recalibrate=last_step the steps before the last run on the unpruned
+    # network's BatchNorm statistics: their accuracy says little of what the step cost.
+    metrics = {
+        "prune_step.params": row["params"],
+        "prune_step.val_accuracy": row["val_accuracy"],
+        "prune_step.batchnorm_reestimated": float(row["batchnorm_reestimated"]),
     }
-    return result.model, summary
+    if "finetuned_val_accuracy" in row:
+        metrics["prune_step.finetuned_val_accuracy"] = row["finetuned_val_accuracy"]
+    tracker.log_metrics(metrics, step=row["step"])
+    log.info("prune step %d/%d: %s", row["step"], iterations, row)
 
 
-def write_outcome(tracker: Tracker, record: dict, monitor: StageMonitor, run_dir: Path) -> None:
+def budget_summary(search: BudgetSearch, measurements: dict) -> dict:
+    """The budget search, and the final model's ratio as the measure stage found it."""
+    final = budget_achieved(
+        search.kind, measurements["baseline"], measurements["pruned"], measurements["latency_ratio"]
+    )
+    return search.as_dict() | {"final": final, "met": final <= search.target}
+
+
+def log_finished_run(tracker: Tracker, record: dict, monitor: StageMonitor, run_dir: Path) -> None:
     """Plots and the config beside measurements.json, and the metrics, curves and files of a
     finished run for side-by-side comparison in the tracker."""
     with atomic_path(run_dir / "config.yaml") as staging:

@@ -104,7 +104,7 @@ def _report(args: argparse.Namespace, out: Path) -> int:
         runs, notes = from_paths(args.paths)
     else:
         from pipeline.report.mlflow_runs import from_mlflow
-        from pipeline.tracking import tracking_uri
+        from pipeline.tracking.store import tracking_uri
 
         uri = tracking_uri(args.tracking_uri, "outputs")
         runs, notes = from_mlflow(uri, args.experiment, args.sweep, args.runs)

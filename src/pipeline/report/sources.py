@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import PipelineError
-from pipeline.jobs import pruner_choice
+from pipeline.sweeps.outcomes import pruner_choice
 
 # What every measurements.json since the paired comparison holds; older files are refused.
 REQUIRED_KEYS = ("baseline", "pruned", "reduction_pct", "accuracy_change", "latency_ratio")

@@ -5,10 +5,10 @@ from __future__ import annotations
 import math
 import statistics
 
+from pipeline.measure.uncertainty import mcnemar_exact
 from pipeline.report.compare import Model, pareto_front, pruner_name, sparsity_text
 from pipeline.report.console import accuracy_cell, latency_cell
 from pipeline.report.document import Cell, Strong, Table
-from pipeline.uncertainty import mcnemar_exact
 
 WORST_CLASSES = 3  # per pruned model, the classes whose recall fell most are marked
 MAX_CLASS_ROWS = 30  # beyond this many classes, only the marked ones are listed

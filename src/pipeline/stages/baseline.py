@@ -9,13 +9,13 @@ from pathlib import Path
 
 from torch import nn
 
-from pipeline.cache import load_weights, save_weights
-from pipeline.convergence import Convergence, check_convergence
-from pipeline.data import StageInputs
+from pipeline.config.schema import BaselineSettings
+from pipeline.data.datasets import StageInputs
 from pipeline.files import file_lock
-from pipeline.models import load_state_dict, state_dict_mismatch
-from pipeline.schema import BaselineSettings
-from pipeline.training import fit
+from pipeline.models.baseline_cache import load_weights, save_weights
+from pipeline.models.zoo import load_state_dict, state_dict_mismatch
+from pipeline.training.convergence import Convergence, check_convergence
+from pipeline.training.loop import fit
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def trained(
 
 
 def converged(history: list[dict], settings: BaselineSettings) -> Convergence:
-    """The convergence check (pipeline.convergence), with a warning line when it fails."""
+    """The convergence check (pipeline.training.convergence), with a warning line when it fails."""
     verdict = check_convergence(
         history, settings.convergence.window, settings.convergence.tolerance
     )

@@ -9,9 +9,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from pipeline.data import StageInputs
-from pipeline.schema import DropoutRule, FinetuneSettings
-from pipeline.training import Distillation, FitResult, fit
+from pipeline.config.schema import DropoutRule, FinetuneSettings
+from pipeline.data.datasets import StageInputs
+from pipeline.training.loop import Distillation, FitResult, fit
 
 log = logging.getLogger(__name__)
 

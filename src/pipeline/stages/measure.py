@@ -2,9 +2,10 @@
 
 Both models are evaluated on the same test images and timed in alternating rounds, so that the
 accuracy change and the latency ratio come with the uncertainty of a paired comparison
-(pipeline.uncertainty). The stage also keeps, for the comparison report (pipeline.report), each
-model's per-class counts on those images and its resource use while it runs inference alone
-(see `inference_resources` for why alone and not during the paired rounds)."""
+(pipeline.measure.uncertainty). The stage also keeps, for the comparison report
+(pipeline.report), each model's per-class counts on those images and its resource use while
+it runs inference alone (see `inference_resources` for why alone and not during the paired
+rounds)."""
 
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from pipeline.data import StageInputs
-from pipeline.inference import inference_model, runtime_versions
-from pipeline.latency import (
+from pipeline.config.schema import MeasureSettings
+from pipeline.data.datasets import StageInputs
+from pipeline.measure.latency import (
     CallTimer,
     LatencyStats,
     PairedLatency,
@@ -25,11 +26,11 @@ from pipeline.latency import (
     cpu_threads,
     measure_latency_pair,
 )
-from pipeline.model_stats import count_macs, count_params, size_bytes
-from pipeline.resources import ResourceSampler
-from pipeline.schema import MeasureSettings
-from pipeline.training import evaluate
-from pipeline.uncertainty import accuracy_change, latency_ratio
+from pipeline.measure.resources import ResourceSampler
+from pipeline.measure.runtime_forms import inference_model, runtime_versions
+from pipeline.measure.uncertainty import accuracy_change, latency_ratio
+from pipeline.models.stats import count_macs, count_params, size_bytes
+from pipeline.training.loop import evaluate
 
 # A latency interval wider than this (high / low) says the machine was too busy to trust.
 NOISY_INTERVAL = 1.2
@@ -43,12 +44,14 @@ RESOURCE_MIN_CALLS = 3
 # Above this many classes the confusion matrix is not stored (its size grows as the square);
 # the per-class counts, which the precision/recall table needs, always are.
 MAX_CONFUSION_CLASSES = 50
+# What `quality` gives per test image (and the class count), beside its summary figures.
+OUTCOME_KEYS = ("correct", "predicted", "labels", "classes")
 
 
 def quality(model: nn.Module, test_loader: Iterable, inputs: StageInputs) -> dict:
     """Test top-1/top-5/loss plus parameters, MACs and size in bytes; `correct`, `predicted`
     and `labels` hold each test image's outcome (for the paired comparison and the per-class
-    counts; `measure` takes them out before anything is written)."""
+    counts; `measure` keeps them out of the record)."""
     device = inputs.device
     result = evaluate(model.to(device), test_loader, inputs.criterion, device, desc="test")
     return {
@@ -316,14 +319,15 @@ def measure(
         forms["baseline"], forms["pruned"], shape, device, settings, busy
     )
     resources = inference_resources(forms, shape, device, settings)
-    outcomes = [
-        {key: quality_report.pop(key) for key in ("correct", "predicted", "labels", "classes")}
-        for quality_report in (baseline_quality, pruned_quality)
-    ]
+    # Each image's outcome feeds the paired comparison and the per-class counts; the record
+    # keeps those, not the per-image lists.
+    qualities = (baseline_quality, pruned_quality)
+    outcomes = [{key: q[key] for key in OUTCOME_KEYS} for q in qualities]
+    summaries = [{k: v for k, v in q.items() if k not in OUTCOME_KEYS} for q in qualities]
     change = accuracy_change(outcomes[0]["correct"], outcomes[1]["correct"], seed=seed)
     classes = per_class(outcomes[0]["labels"], *outcomes, classes=outcomes[0]["classes"])
-    baseline_report = baseline_quality | base_speed
-    pruned_report = pruned_quality | pruned_speed
+    baseline_report = summaries[0] | base_speed
+    pruned_report = summaries[1] | pruned_speed
     reductions = {
         key: reduction_pct(baseline_report[key], pruned_report[key])
         for key in ("params", "macs", "size_bytes")

@@ -1,4 +1,4 @@
-"""Stage 2: channel masks from activation statistics, on the unchanged architecture."""
+"""Stage 2: channel masks from the pruning engine's ranking, on the unchanged architecture."""
 
 from __future__ import annotations
 
@@ -9,20 +9,20 @@ from typing import Any
 from safetensors.torch import save_file
 from torch import nn
 
-from pipeline.config_list import resolve_config_list
-from pipeline.data import StageInputs
+from pipeline.config.schema import LayerScale, PrunerSettings
+from pipeline.data.datasets import StageInputs
 from pipeline.files import atomic_path
-from pipeline.nni_adapter import LayerDependencies, Masks, channel_masks
-from pipeline.schema import LayerScale, PrunerSettings
+from pipeline.pruning.config_list import resolve_config_list
+from pipeline.pruning.engine import Masks, TiedLayers, engine_for
 
 
 @dataclass
 class PruneResult:
-    model: nn.Module  # original layer shapes, NNI wrappers removed; speedup removes the channels
+    model: nn.Module  # original layer shapes; the speedup stage removes the masked channels
     masks: Masks
     config_list: list[dict[str, Any]]
-    # The layer dependencies NNI found (or was given); valid for the narrower model too.
-    dependencies: LayerDependencies | None = None
+    # The tied layers the engine found (or was given); valid for the narrower model too.
+    tied: TiedLayers | None = None
 
 
 def prune(
@@ -31,12 +31,12 @@ def prune(
     settings: PrunerSettings,
     sparsity: float,
     steps: int = 1,
-    dependencies: LayerDependencies | None = None,
+    tied: TiedLayers | None = None,
 ) -> PruneResult:
     """Rank output channels and mask the lowest-ranked ones; with `steps` > 1, this call is one
     of that many equal steps towards `sparsity`. inputs.loaders.train feeds the statistics.
-    `dependencies` from an earlier prune of this model (or a wider version of it) spare NNI's
-    dependency trace."""
+    `tied` layers from an earlier prune of this model (or a wider version of it) spare the
+    engine's dependency trace."""
     config_list = resolve_config_list(
         settings.config_list,
         sparsity,
@@ -49,18 +49,9 @@ def prune(
     model.to(inputs.device)
     if all(entry.get("exclude") for entry in config_list):
         # Rounding kept every channel (tiny sparsity, narrow layers): nothing to prune.
-        return PruneResult(model, {}, config_list, dependencies)
-    masks, dependencies = channel_masks(
-        model,
-        config_list,
-        settings,
-        inputs.loaders.train,
-        inputs.criterion,
-        inputs.device,
-        inputs.input_shape,
-        dependencies,
-    )
-    return PruneResult(model, masks, config_list, dependencies)
+        return PruneResult(model, {}, config_list, tied)
+    masks, tied = engine_for(settings).channel_masks(model, config_list, settings, inputs, tied)
+    return PruneResult(model, masks, config_list, tied)
 
 
 def save_masks(masks_by_step: list[Masks], path: Path) -> Path:

@@ -1,15 +1,14 @@
-"""Stage 3: NNI's ModelSpeedup turns masks into a physically smaller model, whose BatchNorm
-statistics are then re-estimated for the narrower network."""
+"""Stage 3: the pruning engine turns masks into a physically smaller model (NNI's ModelSpeedup),
+whose BatchNorm statistics are then re-estimated for the narrower network."""
 
 from __future__ import annotations
 
 from torch import nn
 
-from pipeline.data import StageInputs
-from pipeline.nni_adapter import Masks
-from pipeline.nni_adapter import speedup as nni_speedup
-from pipeline.schema import PrunerSettings
-from pipeline.training import recalibrate_batchnorm
+from pipeline.config.schema import PrunerSettings
+from pipeline.data.datasets import StageInputs
+from pipeline.pruning.engine import Masks, engine_for
+from pipeline.training.loop import recalibrate_batchnorm
 
 
 def speedup(
@@ -19,12 +18,10 @@ def speedup(
     settings: PrunerSettings,
     recalibrate: bool = True,
 ) -> nn.Module:
-    """Remove the masked channels (see nni_adapter.speedup for the checks and retries), then,
+    """Remove the masked channels (the engine's narrow: checks and retries), then,
     with `recalibrate`, re-estimate BatchNorm statistics from settings.recalibration_batches
     training batches."""
-    smaller = nni_speedup(
-        model, masks, inputs.input_shape, settings.confidence, settings.trace_input_size
-    )
+    smaller = engine_for(settings).narrow(model, masks, inputs.input_shape, settings)
     if not recalibrate:
         return smaller
     return recalibrate_batchnorm(

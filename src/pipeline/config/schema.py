@@ -1,0 +1,292 @@
+"""Typed schema of the run configuration, registered with Hydra's ConfigStore.
+
+conf/config.yaml names `config_schema` first in its defaults list, so Hydra merges every YAML
+file and every command-line override into these dataclasses while it composes: a misspelt key or
+a value of the wrong type fails at composition, before any work. Defaults live in the YAML files
+(one home for each value), so no field here has one, except the neutral value of an option that
+changes nothing when left out. A field's range, where its type cannot express it, is declared
+with the field (`ranged`) and checked by pipeline.config.checks.settings_from: a new option is
+its field here and the code that reads it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, OmegaConf
+
+
+def ranged(check: Callable[[Any], bool], allowed: str, default: Any = MISSING) -> Any:
+    """A field whose value must pass `check`; `allowed` says which values do, in the one-line
+    error a value that does not pass gets."""
+    return field(default=default, metadata={"check": check, "allowed": allowed})
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+class PruningMode(str, Enum):
+    normal = "normal"
+    dependency_aware = "dependency_aware"
+
+
+class Activation(str, Enum):
+    relu = "relu"
+    relu6 = "relu6"
+    gelu = "gelu"
+    # Not NNI's: a channel's mean |output|, so that outputs no ReLU follows (MobileNetV2's
+    # linear bottlenecks and residual streams) rank by what they carry of either sign.
+    abs = "abs"
+
+
+# The pruner.activation values NNI 2.10.1's activation pruners take themselves; the others are
+# the project's (pipeline.pruning.nni.adapter.MAGNITUDES).
+NNI_ACTIVATIONS = (Activation.relu.value, Activation.relu6.value, Activation.gelu.value)
+
+
+class Statistics(str, Enum):
+    activation = "activation"
+    nni = "nni"
+
+
+class Recalibration(str, Enum):
+    """After which pruning steps BatchNorm statistics are re-estimated."""
+
+    last_step = "last_step"  # once, on the final model
+    every_step = "every_step"  # after every step, so later steps rank on fitting statistics
+
+
+class Schedule(str, Enum):
+    constant = "constant"
+    cosine = "cosine"
+
+
+class DropoutRule(str, Enum):
+    """The dropout rates a pruned model fine-tunes with."""
+
+    keep = "keep"  # the model's own
+    # Han et al. 2015: each rate times the square root of the share of connections kept in
+    # the layer its units feed (pipeline.stages.finetune.scale_dropout).
+    scaled = "scaled"
+
+
+class Runtime(str, Enum):
+    eager = "eager"
+    jit_freeze = "jit_freeze"
+    onnxruntime = "onnxruntime"  # the .[runtimes] extra
+    compile = "compile"  # torch.compile
+
+
+class DeviceChoice(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Objective(str, Enum):
+    """What a job returns to a sweeper (pipeline.sweeps.objectives)."""
+
+    accuracy = "accuracy"  # the pruned model's test accuracy
+    constrained_sparsity = "constrained_sparsity"  # sparsity, if the accuracy drop is allowed
+    pareto = "pareto"  # the values of search.metrics, in order
+
+
+class DropEstimate(str, Enum):
+    point = "point"  # the measured drop
+    upper = "upper"  # the upper end of its 95 % interval: within the limit with 97.5 % confidence
+
+
+class Metric(str, Enum):
+    """A value of the pruned model that a multi-objective search can return."""
+
+    accuracy = "accuracy"
+    top5 = "top5"
+    params = "params"
+    macs = "macs"
+    size_bytes = "size_bytes"
+    latency_p50_ms = "latency_p50_ms"
+    latency_p90_ms = "latency_p90_ms"
+    throughput = "throughput"
+
+
+@dataclass
+class LayerScale:
+    layers: str = MISSING  # an fnmatch pattern over layer names: classifier.*, features.1?.conv.2
+    factor: float = MISSING  # the layers' sparsity is multiplied by it
+
+    @staticmethod
+    def as_mapping(scales: list[LayerScale]) -> dict[str, float]:
+        return {scale.layers: scale.factor for scale in scales}
+
+
+@dataclass
+class PrunerSettings:
+    # The NNI pruner class (ActivationMeanRankPruner, ...); conf/pruner/<name>.yaml sets it.
+    _target_: str = MISSING
+    mode: PruningMode = MISSING
+    activation: Activation = MISSING
+    training_steps: int = ranged(lambda v: v >= 1, "an integer >= 1")
+    # of the batches that rank channels and re-estimate BatchNorm
+    batch_size: int = ranged(lambda v: v >= 1, "an integer >= 1")
+    statistics: Statistics = MISSING
+    lr: float = MISSING
+    config_list: Any = ranged(
+        lambda v: v is None or OmegaConf.is_list(v),
+        "null or a list of NNI config dicts like [{sparsity_per_layer: 0.2, op_types: [Conv2d]}]",
+    )
+    exclude_last_layer: bool = MISSING
+    confidence: int = ranged(lambda v: v > 1, "an integer > 1")
+    pruning_on_cuda: bool = MISSING
+    round_to: int | None = ranged(lambda v: v is None or v >= 1, "null or an integer >= 1")
+    # Factors on the sparsity of the layers whose names match a pattern. A list, not a mapping:
+    # Hydra merges a mapping given on the command line into the (struct) one, and layer names
+    # hold dots. Not MISSING: OmegaConf leaves a MISSING list missing when conf/ merges [] in.
+    sparsity_scale: list[LayerScale] = field(default_factory=list)
+    iterations: int = ranged(lambda v: v >= 1, "an integer >= 1")
+    recalibration_batches: int = ranged(lambda v: v >= 0, "an integer >= 0")
+    recalibrate: Recalibration = MISSING
+    trace_input_size: int | None = ranged(lambda v: v is None or v >= 8, "null or an integer >= 8")
+
+
+@dataclass
+class TrainingSettings:
+    """What the one training loop (pipeline.training.loop.fit) needs; baseline, finetune add
+    theirs."""
+
+    epochs: int = ranged(lambda v: v >= 0, "an integer >= 0")
+    batch_size: int = ranged(lambda v: v >= 1, "an integer >= 1")
+    lr: float = MISSING  # the peak rate
+    optimizer: Any = MISSING  # a _partial_ _target_ node, called with (parameters, lr=lr)
+    schedule: Schedule = MISSING
+    warmup_epochs: int = ranged(lambda v: v >= 0, "an integer >= 0")
+    channels_last: bool = MISSING  # train in NHWC (the layout of weights and batches)
+    # Clip the gradients' global L2 norm to this before each optimizer step (torch's
+    # clip_grad_norm_): steadies the first steps on a freshly pruned model at a high rate.
+    # null: no clipping (what a run did before the option existed).
+    max_grad_norm: float | None = ranged(
+        lambda v: v is None or v > 0, "null (no clipping) or a number > 0", default=None
+    )
+
+
+@dataclass
+class ConvergenceSettings:
+    # the last epochs that must not improve on the earlier ones ...
+    window: int = ranged(lambda v: v >= 1, "an integer >= 1")
+    # ... by more than this much val accuracy (0.01: one point)
+    tolerance: float = ranged(lambda v: v >= 0, "a number >= 0")
+
+
+@dataclass
+class BaselineSettings(TrainingSettings):
+    checkpoint: str | None = MISSING
+    cache: bool = MISSING
+    convergence: ConvergenceSettings = field(default_factory=ConvergenceSettings)
+
+
+@dataclass
+class DistillSettings:
+    alpha: float = ranged(lambda v: v is None or 0 <= v <= 1, "a number in [0, 1]")
+    temperature: float = ranged(lambda v: v is None or v > 0, "a number > 0")
+
+
+@dataclass
+class FinetuneSettings(TrainingSettings):
+    distill: DistillSettings | None = MISSING
+    # Epochs after each pruning step but the last, out of `epochs` (pipeline.pruning.steps).
+    between_steps: int = ranged(lambda v: v >= 0, "an integer >= 0")
+    dropout: DropoutRule = MISSING
+    # Per-step decay of an exponential moving average of the weights, which each epoch then
+    # validates and the run keeps (pipeline.training.loop.ema_average); 0: none.
+    ema_decay: float = ranged(lambda v: 0 <= v < 1, "a number in [0, 1) (0: no averaging)")
+
+
+@dataclass
+class MeasureSettings:
+    warmup: int = ranged(lambda v: v >= 0, "an integer >= 0")
+    repeats: int = ranged(lambda v: v >= 1, "an integer >= 1")
+    rounds: int = ranged(lambda v: v >= 1, "an integer >= 1")
+    throughput_batch_size: int = MISSING
+    throughput_repeats: int = MISSING
+    threads: int | None = MISSING
+    onnx: bool = MISSING
+    runtime: Runtime = MISSING
+    fold_bn: bool = MISSING
+    channels_last: bool = MISSING
+
+
+@dataclass
+class TrackingSettings:
+    enabled: bool = MISSING
+    uri: str | None = MISSING
+    experiment: str = MISSING
+    sample_interval_s: float = MISSING
+    system_metrics: bool = MISSING
+
+
+@dataclass
+class PathSettings:
+    output_root: str = MISSING
+    cache_dir: str = MISSING
+
+
+@dataclass
+class SearchSettings:
+    """What a job returns to a sweeper such as Optuna (conf/sweep/search_*.yaml set these)."""
+
+    objective: Objective = MISSING
+    # points; constrained_sparsity only
+    max_accuracy_drop: float = ranged(lambda v: v >= 0, "a number >= 0")
+    drop_estimate: DropEstimate = MISSING  # constrained_sparsity only
+    # pareto only; in the order of hydra.sweeper.direction
+    metrics: list[Metric] = ranged(
+        lambda v: len(v) >= 1, "a non-empty list such as [accuracy, macs]"
+    )
+
+
+@dataclass
+class BudgetSettings:
+    """A cost target instead of a sparsity (pipeline.pruning.budget): a ratio of the baseline's."""
+
+    macs: float | None = ranged(lambda v: v is None or 0 < v < 1, "null or a ratio in (0, 1)")
+    params: float | None = ranged(lambda v: v is None or 0 < v < 1, "null or a ratio in (0, 1)")
+    # measured on the run's device, in measure's inference form
+    latency: float | None = ranged(lambda v: v is None or 0 < v < 1, "null or a ratio in (0, 1)")
+    # MACs and params land in [target - tolerance, target]
+    tolerance: float = ranged(lambda v: 0 < v < 0.5, "a number in (0, 0.5)")
+
+
+@dataclass
+class RunSettings:
+    # Builders differ in their arguments: free-form `_target_` nodes.
+    model: Any = MISSING
+    dataset: Any = MISSING
+    criterion: Any = MISSING  # the loss every stage trains, ranks and evaluates with
+    pruner: PrunerSettings = field(default_factory=PrunerSettings)
+    baseline: BaselineSettings = field(default_factory=BaselineSettings)
+    finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
+    measure: MeasureSettings = field(default_factory=MeasureSettings)
+    tracking: TrackingSettings = field(default_factory=TrackingSettings)
+    paths: PathSettings = field(default_factory=PathSettings)
+    search: SearchSettings = field(default_factory=SearchSettings)
+    budget: BudgetSettings = field(default_factory=BudgetSettings)
+    seed: int = MISSING
+    sparsity: float = ranged(lambda v: is_number(v) and 0 < v < 1, "a number in (0, 1)")
+    device: DeviceChoice = MISSING
+    max_batches: int | None = ranged(lambda v: v is None or v >= 1, "null or an integer >= 1")
+    num_workers: int = MISSING
+    force: bool = MISSING
+
+
+def register() -> None:
+    """Make `config_schema` known to Hydra; conf/config.yaml names it in its defaults list."""
+    ConfigStore.instance().store(name="config_schema", node=RunSettings)
+
+
+def plain(settings: RunSettings) -> dict:
+    """RunSettings as plain JSON-ready data (enums as their names), for records and params."""
+    return OmegaConf.to_container(OmegaConf.structured(settings), enum_to_str=True)

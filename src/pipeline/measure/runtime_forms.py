@@ -1,0 +1,186 @@
+"""The inference form of a model, used for every timing: the baseline and the pruned model get
+the same treatment so that their latency ratio compares architectures, not runtimes."""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+from pipeline.config.schema import Runtime
+from pipeline.errors import RuntimeUnavailableError
+
+RUNTIMES = tuple(runtime.value for runtime in Runtime)
+# What a runtime imports beyond torch: the .[runtimes] extra (the exporter needs onnx too).
+RUNTIME_PACKAGES = {"onnxruntime": ("onnxruntime", "onnx")}
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """Fold each BatchNorm2d into the Conv2d just before it in a Sequential (eval-mode maths).
+
+    Inference then skips one pass over every activation map; outputs are unchanged up to
+    float rounding. Modifies `model` in place and returns it.
+    """
+    for module in model.modules():
+        if not isinstance(module, nn.Sequential):
+            continue
+        names = list(module._modules)
+        for first, second in zip(names, names[1:], strict=False):
+            conv, bn = module._modules[first], module._modules[second]
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+                module._modules[first] = fuse_conv_bn_eval(conv, bn)
+                module._modules[second] = nn.Identity()
+    return model
+
+
+def require_runtime(runtime: str) -> None:
+    """RuntimeUnavailableError, one line naming the setting and the extra, when a package the
+    runtime needs is not installed; checked before any work (pipeline.config.preflight)."""
+    for package in RUNTIME_PACKAGES.get(runtime, ()):
+        try:
+            importlib.import_module(package)
+        except ImportError:
+            raise RuntimeUnavailableError(
+                f"measure.runtime={runtime} needs the {package} package, which is not "
+                f'installed: pip install -e ".[runtimes]" (or choose another measure.runtime)'
+            ) from None
+
+
+def inference_model(
+    model: nn.Module,
+    input_shape: tuple[int, ...],
+    runtime: str = "eager",
+    fold_bn: bool = True,
+    channels_last: bool = False,
+    threads: int | None = None,
+    batch_sizes: tuple[int, ...] = (1,),
+) -> nn.Module:
+    """A copy of `model` prepared for timing; the original is left untouched. `threads`: the
+    onnxruntime session's intra-op threads (None: its default); torch forms take theirs from
+    the caller (pipeline.measure.latency.cpu_threads). `batch_sizes`: those it will be timed
+    at, which the compile runtime compiles for now."""
+    if runtime not in RUNTIMES:
+        raise ValueError(f"runtime {runtime!r}: allowed {', '.join(RUNTIMES)}")
+    require_runtime(runtime)
+    prepared = copy.deepcopy(model).eval()
+    if fold_bn:
+        fold_batchnorm(prepared)
+    if channels_last:
+        prepared = prepared.to(memory_format=torch.channels_last)
+    if runtime == "jit_freeze":
+        with torch.no_grad():
+            example = _example(prepared, input_shape, channels_last)
+            prepared = torch.jit.freeze(torch.jit.trace(prepared, example).eval())
+    elif runtime == "onnxruntime":
+        prepared = OnnxRuntimeModel.export(prepared, _example(prepared, input_shape), threads)
+    elif runtime == "compile":
+        # One static graph per batch size, compiled now so that no timed call compiles. A
+        # dynamic batch dimension would not spare that: its graph is guarded to a range of sizes
+        # (2 to 15 for MobileNetV2 on the CPU) and a larger batch compiles again. Under
+        # inference_mode, as every timing runs: grad mode is part of the guards.
+        prepared = torch.compile(prepared, dynamic=False)
+        with torch.inference_mode():
+            for batch in dict.fromkeys(batch_sizes):
+                prepared(_example(prepared, input_shape, channels_last, batch))
+    return prepared
+
+
+def runtime_versions(form: nn.Module) -> dict[str, str]:
+    """The versions (and the onnxruntime provider) that ran a prepared form, for measurements."""
+    versions = {"torch": torch.__version__}
+    if isinstance(form, OnnxRuntimeModel):
+        versions |= {"onnxruntime": form.version, "provider": form.provider}
+    return versions
+
+
+def _example(
+    model: nn.Module, input_shape: tuple[int, ...], channels_last: bool = False, batch: int = 1
+) -> torch.Tensor:
+    device = next(model.parameters()).device
+    example = torch.zeros(batch, *input_shape, device=device)
+    return example.contiguous(memory_format=torch.channels_last) if channels_last else example
+
+
+class OnnxRuntimeModel(nn.Module):
+    """An onnxruntime InferenceSession behind a module's call, torch tensor in and out, so that
+    the timing code runs it like the torch forms.
+
+    The conversions count in each timed call, as they would in a PyTorch program that deploys
+    with onnxruntime: on the CPU they are free for a contiguous float32 batch (numpy shares its
+    memory), a channels_last batch is copied to NCHW first (the exported graph takes NCHW). On
+    CUDA the batch is bound in place (IO binding) and only the logits come back through the host.
+    """
+
+    def __init__(self, session, device: torch.device) -> None:
+        super().__init__()
+        import onnxruntime
+
+        self.session = session
+        self.device = device
+        self.input_name = session.get_inputs()[0].name
+        self.output_name = session.get_outputs()[0].name
+        self.provider = session.get_providers()[0]
+        self.version = onnxruntime.__version__
+
+    @classmethod
+    def export(
+        cls, model: nn.Module, example: torch.Tensor, threads: int | None = None
+    ) -> OnnxRuntimeModel:
+        """Export `model` (torch.onnx, dynamic batch) to a temporary file and open a session on
+        it: CUDAExecutionProvider first where the model is on CUDA and onnxruntime has it."""
+        import onnxruntime
+
+        from pipeline.models.pruned import _onnx_export
+
+        options = onnxruntime.SessionOptions()
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads is not None:
+            options.intra_op_num_threads = threads
+        # Two sessions (baseline and pruned) are timed in alternating rounds, each with its own
+        # thread pool; spinning threads of the idle one would take the cores from the one being
+        # timed (on 2 cores the same baseline's p50 varied 5.2-8.6 ms between pairs).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        providers = ["CPUExecutionProvider"]
+        if example.device.type == "cuda" and "CUDAExecutionProvider" in (
+            onnxruntime.get_available_providers()
+        ):
+            device_id = example.device.index or 0
+            providers.insert(0, ("CUDAExecutionProvider", {"device_id": device_id}))
+        # The session keeps the graph in memory: the file is only the exporter's way across.
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / "model.onnx"
+            _onnx_export(model, example.contiguous(), path)
+            session = onnxruntime.InferenceSession(str(path), options, providers=providers)
+        return cls(session, example.device)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.provider == "CUDAExecutionProvider" and images.is_cuda:
+            return self._run_on_cuda(images)
+        batch = images.detach().cpu().contiguous().numpy()
+        (logits,) = self.session.run([self.output_name], {self.input_name: batch})
+        return torch.from_numpy(logits).to(images.device)
+
+    def _run_on_cuda(self, images: torch.Tensor) -> torch.Tensor:
+        import numpy as np
+
+        batch = images.detach().contiguous()
+        # onnxruntime runs on its own stream: the batch must be written before it reads it.
+        torch.cuda.current_stream(batch.device).synchronize()
+        binding = self.session.io_binding()
+        binding.bind_input(
+            self.input_name,
+            "cuda",
+            batch.device.index or 0,
+            np.float32,
+            tuple(batch.shape),
+            batch.data_ptr(),
+        )
+        binding.bind_output(self.output_name, "cuda", batch.device.index or 0)
+        self.session.run_with_iobinding(binding)
+        (logits,) = binding.copy_outputs_to_cpu()
+        return torch.from_numpy(logits).to(images.device)

@@ -1,0 +1,1 @@
+"""Structured pruning: the engine interface, NNI config lists, budgets, pruning in steps."""

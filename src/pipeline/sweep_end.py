@@ -1,0 +1,109 @@
+"""The end of a sweep (a Hydra callback): one MLflow parent run per multirun with the jobs as its
+children, the sweep's summary table and comparison report, and the command's exit status."""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from pipeline.report.sweep_report import sweep_report
+from pipeline.report.sweep_table import write_summary
+from pipeline.sweeps.outcomes import JobOutcome, sweep_outcomes, swept
+from pipeline.tracking.environment import environment_tags, process_tags
+from pipeline.tracking.mlflow_tracker import (
+    MAX_PARAM_LENGTH,
+    PARENT_RUN_ENV,
+    experiment_id,
+    quiet_mlflow,
+)
+from pipeline.tracking.store import tracking_uri
+
+
+class SweepParentRun(Callback):
+    """Hydra callback: one MLflow parent run per multirun, each job's run its child; at the end,
+    the sweep's summary table and comparison report from the files its jobs left, and exit
+    status 2 when a job failed."""
+
+    def __init__(self) -> None:
+        self._outcomes: list[JobOutcome] = []
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        tracking = config.get("tracking") or {}
+        if not tracking.get("enabled", False):
+            return
+        from mlflow import MlflowClient
+
+        quiet_mlflow()
+        client = MlflowClient(tracking_uri(tracking.get("uri"), config.paths.output_root))
+        exp_id = experiment_id(client, tracking["experiment"], config.paths.output_root)
+        overrides = list(config.hydra.overrides.task)
+        run = client.create_run(
+            exp_id,
+            run_name=f"sweep {time.strftime('%Y-%m-%d %H:%M:%S')}",
+            tags=environment_tags()
+            | process_tags()
+            | {"sweep": "true", "sweep.dir": str(config.hydra.sweep.dir)},
+        )
+        client.log_param(run.info.run_id, "sweep.overrides", " ".join(overrides)[:MAX_PARAM_LENGTH])
+        os.environ[PARENT_RUN_ENV] = run.info.run_id
+        self._client = client
+        # A job error aborts Hydra's sweep before on_multirun_end: never leave the parent RUNNING.
+        atexit.register(self._close)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        # The summary table and the comparison report of the jobs, from the files they left
+        # (tracking=none too); the parent run, still open, gets copies.
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        self._outcomes = sweep_outcomes(sweep_dir) if sweep_dir.is_dir() else []
+        summary = pareto = None
+        if self._outcomes:
+            summary, pareto, table = write_summary(sweep_dir, self._outcomes)
+            print(f"\nsweep summary ({summary}):\n{table}")
+        report = sweep_report(sweep_dir)
+        run_id = os.environ.get(PARENT_RUN_ENV)
+        if run_id is not None and hasattr(self, "_client"):
+            with contextlib.suppress(Exception):  # a lost copy must not fail a finished sweep
+                for path in (summary, pareto):
+                    if path is not None:
+                        self._client.log_artifact(run_id, str(path))
+                if report is not None:
+                    self._client.log_artifacts(run_id, str(report), "report")
+        self._close()
+        failed = [o for o in self._outcomes if o.failed]
+        if failed:
+            print(f"{len(failed)} of {len(self._outcomes)} jobs failed:", file=sys.stderr)
+            for outcome in failed:
+                reason = outcome.error or outcome.status
+                print(
+                    f"  job {outcome.number} ({swept(outcome, self._outcomes)}): {reason}",
+                    file=sys.stderr,
+                )
+            sys.exit(2)  # Hydra lets SystemExit through: `python -m pipeline -m ...` exits 2
+
+    def _close(self) -> None:
+        run_id = os.environ.pop(PARENT_RUN_ENV, None)
+        if run_id is None or not hasattr(self, "_client"):
+            return
+        children = self._client.search_runs(
+            [self._client.get_run(run_id).info.experiment_id],
+            filter_string=f"tags.mlflow.parentRunId = '{run_id}'",
+        )
+        failed = [c for c in children if c.info.status != "FINISHED"]
+        outcomes = self._outcomes
+        if outcomes:  # the jobs' own outcome files: skipped jobs have no child run
+            failed = [o for o in outcomes if o.failed]
+            skipped = [o for o in outcomes if o.status == "skipped"]
+            self._client.set_tag(run_id, "sweep.skipped_jobs", str(len(skipped)))
+        self._client.set_tag(run_id, "sweep.jobs", str(len(outcomes) or len(children)))
+        self._client.set_tag(run_id, "sweep.failed_jobs", str(len(failed)))
+        # A sweep that ran no job at all (the launcher failed first) did not succeed either.
+        ran = bool(outcomes or children)
+        self._client.set_terminated(run_id, "FAILED" if failed or not ran else "FINISHED")

@@ -1,0 +1,1 @@
+"""Sweeps: what each job leaves (outcomes), resume, and what a job returns to a sweeper."""

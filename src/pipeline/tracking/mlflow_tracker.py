@@ -1,0 +1,256 @@
+"""The one place that talks to MLflow about runs: params, tags, metrics, artifacts, the lookup of
+an earlier finished run, and closing runs whose process is gone.
+
+A run is tracked from before validation to the end, so bad input and crashes leave a FAILED run
+(with the error as a tag) and Ctrl-C a KILLED one; a run never stays RUNNING.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import socket
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.errors import one_line
+from pipeline.measure.resources import Sample
+from pipeline.tracking.environment import alive, environment_tags, process_tags
+from pipeline.tracking.store import is_local, tracking_uri
+from pipeline.tracking.tracker import NullTracker, Tracker
+
+log = logging.getLogger(__name__)
+
+PARENT_RUN_ENV = "PIPELINE_MLFLOW_PARENT_RUN_ID"
+
+MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
+
+
+def experiment_id(client, name: str, output_root: str | Path) -> str:
+    """Get or create the experiment; local stores keep artifacts beside the database."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = None
+    if is_local(client.tracking_uri):
+        location = (Path(output_root).resolve() / "mlartifacts").as_uri()
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except Exception:  # created by a concurrent job in the meantime
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
+    """Nested config -> {"pruner.mode": "dependency_aware", ...}; lists become JSON."""
+    if isinstance(tree, dict):
+        flat: dict[str, str] = {}
+        for key, value in tree.items():
+            flat |= flatten(value, f"{prefix}{key}.")
+        return flat
+    value = json.dumps(tree) if isinstance(tree, (list, tuple)) else str(tree)
+    return {prefix.rstrip("."): value[:MAX_PARAM_LENGTH]}
+
+
+def _resolved_or_raw(cfg: DictConfig) -> dict:
+    """The resolved config; a config that cannot be resolved (the run is about to fail on it)
+    is logged as written, so the FAILED run still shows what was asked for."""
+    try:
+        return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    except Exception:
+        return OmegaConf.to_container(cfg, resolve=False, enum_to_str=True)
+
+
+def close_dead_runs(client, experiment: str) -> list[str]:
+    """Mark KILLED the RUNNING runs of this host whose process is gone (killed with SIGKILL, out
+    of memory, machine reset), as a scheduler would; returns their ids. Runs of other hosts are
+    left alone: their processes cannot be seen from here."""
+    host = socket.gethostname()
+    stale = client.search_runs(
+        [experiment],
+        filter_string=f"attributes.status = 'RUNNING' and tags.`process.host` = '{host}'",
+        max_results=1000,
+    )
+    closed = []
+    for run in stale:
+        if alive(run.data.tags):
+            continue
+        client.set_tag(run.info.run_id, "error", "process gone: ended by a later run's start-up")
+        client.set_terminated(run.info.run_id, "KILLED")
+        closed.append(run.info.run_id)
+    if closed:
+        log.warning("marked %d run(s) of dead processes KILLED: %s", len(closed), ", ".join(closed))
+    return closed
+
+
+IDENTITY_TAG = "config_identity"
+
+
+def quiet_mlflow() -> None:
+    """MLflow sets its loggers to INFO when first imported: its INFO lines (database tables
+    created, system metrics started and stopped) would surround the lines that matter on the
+    console. Its warnings still show."""
+    import mlflow  # noqa: F401  (first: the import is what sets the level)
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+
+
+def finished_run_record(tracking: Any, output_root: str | Path, identity: str):
+    """(measurements record, run id) of the latest FINISHED run whose settings had this identity
+    (pipeline.config.identity.config_identity), or None: how a re-run sweep skips the jobs
+    already done."""
+    import tempfile
+
+    from mlflow import MlflowClient
+
+    quiet_mlflow()
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one file: no bar
+
+    client = MlflowClient(tracking_uri(tracking.uri, output_root))
+    experiment = client.get_experiment_by_name(tracking.experiment)
+    if experiment is None:
+        return None
+    found = client.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"tags.{IDENTITY_TAG} = '{identity}' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    if not found:
+        return None
+    run_id = found[0].info.run_id
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            path = client.download_artifacts(run_id, "measurements.json", folder)
+            record = json.loads(Path(path).read_text())
+        except Exception:  # artifacts deleted or unreachable: run the job again
+            return None
+    return record, run_id
+
+
+class MlflowTracker:
+    """One MLflow run: started before the config is checked, so that bad input and crashes
+    leave a FAILED run; ended FINISHED, FAILED or KILLED by tracked_run."""
+
+    def __init__(self, settings: Mapping[str, Any], output_root: str | Path) -> None:
+        self.settings = dict(settings)
+        self.output_root = Path(output_root)
+        self.run_id: str | None = None
+        self._client = None
+        self._sample_step = 0
+        self._log_file: Path | None = None
+
+    def start(self, params: dict[str, str], run_name: str | None, log_file: Path | None) -> None:
+        import mlflow
+        from mlflow import MlflowClient
+
+        quiet_mlflow()
+
+        self._log_file = log_file
+        uri = tracking_uri(self.settings.get("uri"), self.output_root)
+        mlflow.set_tracking_uri(uri)
+        self._client = MlflowClient(uri)
+        exp_id = experiment_id(self._client, self.settings["experiment"], self.output_root)
+        close_dead_runs(self._client, exp_id)
+        tags = environment_tags() | process_tags()
+        parent = os.environ.get(PARENT_RUN_ENV)
+        if parent:
+            tags["mlflow.parentRunId"] = parent
+        system_metrics = bool(self.settings.get("system_metrics", True))
+        if system_metrics:
+            mlflow.set_system_metrics_sampling_interval(self.settings["sample_interval_s"])
+            mlflow.set_system_metrics_samples_before_logging(1)
+        run = mlflow.start_run(
+            experiment_id=exp_id, run_name=run_name, tags=tags, log_system_metrics=system_metrics
+        )
+        self.run_id = run.info.run_id
+        self.log_params(params)
+
+    def finish(self, status: str = "FINISHED", error: BaseException | None = None) -> None:
+        if self.run_id is None:
+            return
+        import mlflow
+
+        if error is not None:
+            self._client.set_tag(self.run_id, "error", one_line(error))
+        if self._log_file is not None:
+            with contextlib.suppress(Exception):  # a missing log must not hide the run's status
+                self.log_artifact(self._log_file)
+        mlflow.end_run(status=status)
+        self.run_id = None
+
+    def log_params(self, params: dict[str, str]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, v) for k, v in params.items()]
+        for start in range(0, len(items), 100):  # MLflow takes at most 100 params a batch
+            self._client.log_batch(self.run_id, params=items[start : start + 100])
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        for key, value in tags.items():
+            self._client.set_tag(self.run_id, key, value)
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [
+            Metric(key, float(value), now, step or 0)
+            for key, value in metrics.items()
+            if value is not None
+        ]
+        for start in range(0, len(batch), 1000):
+            self._client.log_batch(self.run_id, metrics=batch[start : start + 1000])
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        if not Path(path).exists():
+            return
+        if Path(path).is_dir():
+            self._client.log_artifacts(self.run_id, str(path), artifact_path)
+        else:
+            self._client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_sample(self, sample: Sample) -> None:
+        from mlflow.entities import Metric
+
+        stamp = int(sample.time * 1000)
+        step = self._sample_step
+        self._sample_step += 1
+        # NVML readings feed the stage summaries only: MLflow's system metrics chart them already.
+        metrics = [
+            Metric(f"resource.{key}", value, stamp, step)
+            for key, value in sample.values.items()
+            if not key.startswith("gpu_")
+        ]
+        with contextlib.suppress(Exception):  # a lost sample must never stop a run
+            self._client.log_batch(self.run_id, metrics=metrics, synchronous=False)
+
+
+@contextlib.contextmanager
+def tracked_run(
+    cfg: DictConfig, run_name: str | None = None, log_file: Path | None = None
+) -> Iterator[Tracker]:
+    """A tracker for `cfg` (MLflow unless tracking.enabled is false) whose run ends FINISHED,
+    FAILED (with the error as a tag) or KILLED; the params are the resolved config."""
+    tracking = cfg.get("tracking") or {}
+    if not tracking.get("enabled", False):
+        yield NullTracker()
+        return
+    tracker = MlflowTracker(tracking, cfg.paths.output_root)
+    tracker.start(flatten(_resolved_or_raw(cfg)), run_name, log_file)
+    try:
+        yield tracker
+    except KeyboardInterrupt as error:
+        tracker.finish("KILLED", error)
+        raise
+    except BaseException as error:
+        tracker.finish("FAILED", error)
+        raise
+    else:
+        tracker.finish("FINISHED")

@@ -1,0 +1,42 @@
+"""What a run tells its tracker: a small protocol, so that a run never asks "is tracking on?".
+MlflowTracker (pipeline.tracking.mlflow_tracker) records it all; NullTracker ignores it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+from pipeline.measure.resources import Sample
+
+
+class Tracker(Protocol):
+    """What a run tells its tracker; NullTracker ignores it all, MlflowTracker records it."""
+
+    def log_params(self, params: dict[str, str]) -> None: ...
+
+    def set_tags(self, tags: dict[str, str]) -> None: ...
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None: ...
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
+
+    def log_sample(self, sample: Sample) -> None: ...
+
+
+class NullTracker:
+    """tracking=none: nothing is recorded beyond the run directory."""
+
+    def log_params(self, params: dict[str, str]) -> None:
+        pass
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        pass
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def log_sample(self, sample: Sample) -> None:
+        pass

@@ -1,0 +1,1 @@
+"""The one train/evaluate loop, the convergence check, and seeding."""
