@@ -18,10 +18,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from pipeline.config.checks import BUDGET_KINDS, settings_from
+from pipeline.config.checks import settings_from
 from pipeline.config.compose import SEARCH_PATH, compose
 from pipeline.config.identity import config_identity
 from pipeline.config.preflight import check_inputs, check_tracking_server
+from pipeline.config.schema import BUDGET_KINDS
 from pipeline.config.sweep_plan import check_command_line
 from pipeline.errors import ConfigError, PipelineError, one_line
 from pipeline.files import write_json

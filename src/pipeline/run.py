@@ -11,9 +11,8 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from pipeline.config.checks import asked_budget
 from pipeline.config.identity import config_identity
-from pipeline.config.schema import RunSettings, plain
+from pipeline.config.schema import RunSettings, asked_budget, plain
 from pipeline.data.datasets import DataSplits, StageInputs, make_loaders
 from pipeline.errors import UnsupportedModelError
 from pipeline.files import atomic_path, write_json

@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pipeline.config.compose import causes, one_line
-from pipeline.config.schema import RunSettings, is_number
+from pipeline.config.schema import RunSettings, asked_budget, is_number
 from pipeline.errors import ConfigError
 from pipeline.pruning.config_list import SPARSITY_KEYS
 from pipeline.pruning.engine import engine_for
@@ -192,17 +192,3 @@ def check_config_list(config_list: Any) -> None:
 
 def _without_hydra(tree: dict) -> dict:
     return {key: value for key, value in tree.items() if key != "hydra"}
-
-
-BUDGET_KINDS = ("macs", "params", "latency")
-
-
-def asked_budget(budget: Any) -> tuple[str, float] | None:
-    """The cost target the settings ask for, (kind, ratio), or None; two at once are refused."""
-    given = [(kind, getattr(budget, kind)) for kind in BUDGET_KINDS if getattr(budget, kind)]
-    if len(given) > 1:
-        keys = " and ".join(f"budget.{kind}={value}" for kind, value in given)
-        raise ConfigError(
-            f"{keys}: one budget at a time; allowed: one of budget.{{{','.join(BUDGET_KINDS)}}}"
-        )
-    return given[0] if given else None

@@ -19,6 +19,8 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
+from pipeline.errors import ConfigError
+
 
 def ranged(check: Callable[[Any], bool], allowed: str, default: Any = MISSING) -> Any:
     """A field whose value must pass `check`; `allowed` says which values do, in the one-line
@@ -258,6 +260,20 @@ class BudgetSettings:
     latency: float | None = ranged(lambda v: v is None or 0 < v < 1, "null or a ratio in (0, 1)")
     # MACs and params land in [target - tolerance, target]
     tolerance: float = ranged(lambda v: 0 < v < 0.5, "a number in (0, 0.5)")
+
+
+BUDGET_KINDS = ("macs", "params", "latency")
+
+
+def asked_budget(budget: BudgetSettings | Any) -> tuple[str, float] | None:
+    """The cost target the settings ask for, (kind, ratio), or None; two at once are refused."""
+    given = [(kind, getattr(budget, kind)) for kind in BUDGET_KINDS if getattr(budget, kind)]
+    if len(given) > 1:
+        keys = " and ".join(f"budget.{kind}={value}" for kind, value in given)
+        raise ConfigError(
+            f"{keys}: one budget at a time; allowed: one of budget.{{{','.join(BUDGET_KINDS)}}}"
+        )
+    return given[0] if given else None
 
 
 @dataclass

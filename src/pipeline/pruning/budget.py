@@ -27,8 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.config.checks import asked_budget
-from pipeline.config.schema import BudgetSettings, MeasureSettings, PrunerSettings
+from pipeline.config.schema import BudgetSettings, MeasureSettings, PrunerSettings, asked_budget
 from pipeline.data.datasets import StageInputs
 from pipeline.errors import ConfigError, EmptyLayerError
 from pipeline.models.stats import count_macs, count_params
