@@ -16,7 +16,7 @@ from mlflow import MlflowClient
 from conftest import ROOT, TINY, run_cli
 from pipeline.config.checks import settings_from
 from pipeline.config.compose import compose
-from pipeline.config.identity import config_identity
+from pipeline.config.identity import config_identity, identity_settings
 from pipeline.config.sweep_plan import job_overrides
 from pipeline.files import write_json
 from pipeline.report.sweep_table import summary_rows, write_summary
@@ -103,6 +103,22 @@ def test_identity_ignores_where_a_run_is_recorded_but_not_what_it_measures():
     same = settings_from(compose(["force=true", "tracking=none", "paths.output_root=elsewhere"]))
     other = settings_from(compose(["sparsity=0.3"]))
     assert config_identity(base) == config_identity(same) != config_identity(other)
+
+
+def test_an_option_left_at_its_neutral_value_keeps_earlier_runs_and_baselines_valid():
+    """A run made before finetune.max_grad_norm existed is the same job as one that leaves it
+    at null: resume still finds it and the cached baseline is still used; setting the option
+    makes another job, and setting baseline.max_grad_norm another baseline."""
+    from pipeline.models.baseline_cache import baseline_cache_path
+
+    base = settings_from(compose([]))
+    neutral = settings_from(compose(["finetune.max_grad_norm=null"]))
+    clipped = settings_from(compose(["finetune.max_grad_norm=1.0"]))
+    assert "max_grad_norm" not in identity_settings(base)["finetune"]
+    assert config_identity(base) == config_identity(neutral) != config_identity(clipped)
+    assert baseline_cache_path(base) == baseline_cache_path(clipped)
+    trained_clipped = settings_from(compose(["baseline.max_grad_norm=1.0"]))
+    assert baseline_cache_path(base) != baseline_cache_path(trained_clipped)
 
 
 def test_without_tracking_finished_runs_are_found_in_the_output_folder(tmp_path):

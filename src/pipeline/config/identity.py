@@ -3,8 +3,10 @@ finds the same job's earlier run by it) and a cached baseline (pipeline.models.b
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import typing
 from typing import Any
 
 from pipeline.config.schema import RunSettings, plain
@@ -20,6 +22,27 @@ def settings_hash(value: Any) -> str:
 NOT_IDENTITY = ("force", "tracking", "paths", "num_workers", "search")
 
 
+def identity_settings(settings: RunSettings) -> dict:
+    """plain(settings) less every option left at its neutral value (schema.ranged's default):
+    a run before the option existed and a run that leaves it alone are the same run."""
+    return _without_neutral(RunSettings, plain(settings))
+
+
+def _without_neutral(node: type, values: dict) -> dict:
+    hints = typing.get_type_hints(node)
+    kept = {}
+    for item in dataclasses.fields(node):
+        value = values[item.name]
+        if "neutral" in item.metadata and value == item.metadata["neutral"]:
+            continue
+        for inner in (hints[item.name], *typing.get_args(hints[item.name])):
+            if dataclasses.is_dataclass(inner) and isinstance(value, dict):
+                value = _without_neutral(inner, value)
+        kept[item.name] = value
+    return kept
+
+
 def config_identity(settings: RunSettings) -> str:
     """A hash of the resolved settings that decide a run's results: equal hash, same job."""
-    return settings_hash({k: v for k, v in plain(settings).items() if k not in NOT_IDENTITY})
+    chosen = identity_settings(settings)
+    return settings_hash({k: v for k, v in chosen.items() if k not in NOT_IDENTITY})

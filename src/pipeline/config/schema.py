@@ -24,8 +24,13 @@ from pipeline.errors import ConfigError
 
 def ranged(check: Callable[[Any], bool], allowed: str, default: Any = MISSING) -> Any:
     """A field whose value must pass `check`; `allowed` says which values do, in the one-line
-    error a value that does not pass gets."""
-    return field(default=default, metadata={"check": check, "allowed": allowed})
+    error a value that does not pass gets. A `default` is the option's neutral value, the one
+    that changes nothing: left at it, the option is not part of a run's identity
+    (pipeline.config.identity), so adding an option keeps earlier runs and caches valid."""
+    metadata = {"check": check, "allowed": allowed}
+    if default is not MISSING:
+        metadata["neutral"] = default
+    return field(default=default, metadata=metadata)
 
 
 def is_number(value: Any) -> bool:

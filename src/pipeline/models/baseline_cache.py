@@ -9,8 +9,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from pipeline.config.identity import settings_hash
-from pipeline.config.schema import RunSettings, plain
+from pipeline.config.identity import identity_settings, settings_hash
+from pipeline.config.schema import RunSettings
 from pipeline.files import atomic_path
 
 
@@ -21,7 +21,7 @@ def baseline_cache_path(settings: RunSettings) -> Path | None:
         return None
     training = {
         key: value
-        for key, value in plain(settings)["baseline"].items()
+        for key, value in identity_settings(settings)["baseline"].items()
         # The memory layout changes float rounding, not the recipe (as the device does not).
         if key not in ("checkpoint", "cache", "convergence", "channels_last")
     }
