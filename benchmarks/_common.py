@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from pipeline.config.checks import settings_from
+from pipeline.checks.settings import settings_from
 from pipeline.config.compose import compose
 from pipeline.config.schema import MeasureSettings, PrunerSettings, RunSettings
 from pipeline.data.datasets import Loaders, StageInputs

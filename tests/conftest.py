@@ -13,7 +13,7 @@ import pytest
 import torch
 from omegaconf import DictConfig, open_dict
 
-from pipeline.config.checks import settings_from
+from pipeline.checks.settings import settings_from
 from pipeline.config.compose import compose
 from pipeline.config.schema import RunSettings
 from pipeline.data.datasets import Loaders, StageInputs, digits, make_loaders

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.config.checks import settings_from
+from pipeline.checks.settings import settings_from
+from pipeline.checks.sweep_plan import check_command_line
 from pipeline.config.compose import compose
-from pipeline.config.sweep_plan import check_command_line
 from pipeline.errors import ConfigError
 from pipeline.pruning.budget import MAX_SPARSITY, find_sparsity
 from pipeline.run import run

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from conftest import ROOT, run_cli
-from pipeline.config.sweep_plan import check_command_line
+from pipeline.checks.sweep_plan import check_command_line
 from pipeline.errors import ConfigError, RuntimeUnavailableError
 from pipeline.measure.runtime_forms import inference_model
 from pipeline.models.layer_profile import KINDS, layer_kind, macs_by_kind, profile_by_kind

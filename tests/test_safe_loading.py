@@ -10,7 +10,7 @@ import torch
 
 from conftest import digits_inputs
 from pipeline import load_pruned
-from pipeline.config.checks import settings_from
+from pipeline.checks.settings import settings_from
 from pipeline.config.compose import compose
 from pipeline.errors import WeightsUnavailableError
 from pipeline.models.baseline_cache import load_weights

@@ -1,7 +1,7 @@
 import pytest
 
+from pipeline.checks.sweep_plan import check_command_line
 from pipeline.config.schema import Activation
-from pipeline.config.sweep_plan import check_command_line
 from pipeline.errors import ConfigError
 
 

@@ -17,7 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from conftest import ROOT, TINY, run_cli
-from pipeline.config.checks import settings_from
+from pipeline.checks.settings import settings_from
 from pipeline.config.compose import CONFIG_MODULE, CONFIG_NAME, compose
 from pipeline.sweeps.objectives import FAILED, constrained_sparsity, objective
 

@@ -14,10 +14,10 @@ import pytest
 from mlflow import MlflowClient
 
 from conftest import ROOT, TINY, run_cli
-from pipeline.config.checks import settings_from
+from pipeline.checks.settings import settings_from
+from pipeline.checks.sweep_plan import job_overrides
 from pipeline.config.compose import compose
 from pipeline.config.identity import config_identity, identity_settings
-from pipeline.config.sweep_plan import job_overrides
 from pipeline.files import write_json
 from pipeline.report.sweep_table import summary_rows, write_summary
 from pipeline.sweeps.outcomes import JobOutcome

@@ -16,7 +16,7 @@ import torch
 from mlflow import MlflowClient
 
 from conftest import ROOT, TINY, headless_browser, needs_chromium, run_cli
-from pipeline.config.checks import settings_from
+from pipeline.checks.settings import settings_from
 from pipeline.tracking.mlflow_tracker import tracked_run
 
 EXPERIMENT = "pruning"

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from pipeline.config.sweep_plan import check_command_line
+from pipeline.checks.sweep_plan import check_command_line
 from pipeline.errors import ConfigError
 
 CONFIG_LISTS = [

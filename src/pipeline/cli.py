@@ -18,12 +18,12 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from pipeline.config.checks import settings_from
+from pipeline.checks.preflight import check_inputs, check_tracking_server
+from pipeline.checks.settings import settings_from
+from pipeline.checks.sweep_plan import check_command_line
 from pipeline.config.compose import SEARCH_PATH, compose
 from pipeline.config.identity import config_identity
-from pipeline.config.preflight import check_inputs, check_tracking_server
 from pipeline.config.schema import BUDGET_KINDS
-from pipeline.config.sweep_plan import check_command_line
 from pipeline.errors import ConfigError, PipelineError, one_line
 from pipeline.files import write_json
 from pipeline.sweeps.objectives import FAILED, objective

@@ -5,7 +5,7 @@ file and every command-line override into these dataclasses while it composes: a
 a value of the wrong type fails at composition, before any work. Defaults live in the YAML files
 (one home for each value), so no field here has one, except the neutral value of an option that
 changes nothing when left out. A field's range, where its type cannot express it, is declared
-with the field (`ranged`) and checked by pipeline.config.checks.settings_from: a new option is
+with the field (`ranged`) and checked by pipeline.checks.settings.settings_from: a new option is
 its field here and the code that reads it.
 """
 

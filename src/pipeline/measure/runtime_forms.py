@@ -40,7 +40,7 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
 
 def require_runtime(runtime: str) -> None:
     """RuntimeUnavailableError, one line naming the setting and the extra, when a package the
-    runtime needs is not installed; checked before any work (pipeline.config.preflight)."""
+    runtime needs is not installed; checked before any work (pipeline.checks.preflight)."""
     for package in RUNTIME_PACKAGES.get(runtime, ()):
         try:
             importlib.import_module(package)

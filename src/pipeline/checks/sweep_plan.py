@@ -8,9 +8,9 @@ from __future__ import annotations
 from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
-from pipeline.config.checks import settings_from
+from pipeline.checks.preflight import check_inputs, check_tracking_server
+from pipeline.checks.settings import settings_from
 from pipeline.config.compose import compose
-from pipeline.config.preflight import check_inputs, check_tracking_server
 from pipeline.config.schema import BUDGET_KINDS
 from pipeline.errors import ConfigError
 from pipeline.tracking.store import tracking_store
