@@ -2,8 +2,9 @@
 layout, the runtime's package, the layers a config list names, the checkpoints' shapes, the
 tracking server.
 
-`config.settings_from` checks what the settings say; these check that what they point at fits.
-Each failure is one ConfigError line naming the key, the bad value and what is allowed.
+`pipeline.checks.settings.settings_from` checks what the settings say; these check that what
+they point at fits. Each failure is one ConfigError line naming the key, the bad value and
+what is allowed.
 """
 
 from __future__ import annotations

@@ -6,10 +6,8 @@ ConfigError line naming the key and the allowed values.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import inspect
-import typing
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pipeline.config.compose import causes, one_line
-from pipeline.config.schema import RunSettings, asked_budget, is_number
+from pipeline.config.schema import RunSettings, asked_budget, is_number, settings_fields
 from pipeline.errors import ConfigError
 from pipeline.pruning.config_list import SPARSITY_KEYS
 from pipeline.pruning.engine import engine_for
@@ -38,14 +36,12 @@ FREE_FORM_RANGES = [
 
 def schema_ranges(node: type = RunSettings, prefix: str = "") -> Iterator[tuple]:
     """(key, check, allowed) of every field the schema declares with `ranged`, depth first."""
-    hints = typing.get_type_hints(node)
-    for item in dataclasses.fields(node):
+    for item, inner in settings_fields(node):
         key = f"{prefix}{item.name}"
         if "check" in item.metadata:
             yield key, item.metadata["check"], item.metadata["allowed"]
-        for inner in (hints[item.name], *typing.get_args(hints[item.name])):
-            if dataclasses.is_dataclass(inner):
-                yield from schema_ranges(inner, f"{key}.")
+        if inner is not None:
+            yield from schema_ranges(inner, f"{key}.")
 
 
 RANGES = [*schema_ranges(), *FREE_FORM_RANGES]

@@ -3,13 +3,11 @@ finds the same job's earlier run by it) and a cached baseline (pipeline.models.b
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
-import typing
 from typing import Any
 
-from pipeline.config.schema import RunSettings, plain
+from pipeline.config.schema import RunSettings, plain, settings_fields
 
 
 def settings_hash(value: Any) -> str:
@@ -29,15 +27,13 @@ def identity_settings(settings: RunSettings) -> dict:
 
 
 def _without_neutral(node: type, values: dict) -> dict:
-    hints = typing.get_type_hints(node)
     kept = {}
-    for item in dataclasses.fields(node):
+    for item, inner in settings_fields(node):
         value = values[item.name]
         if "neutral" in item.metadata and value == item.metadata["neutral"]:
             continue
-        for inner in (hints[item.name], *typing.get_args(hints[item.name])):
-            if dataclasses.is_dataclass(inner) and isinstance(value, dict):
-                value = _without_neutral(inner, value)
+        if inner is not None and isinstance(value, dict):
+            value = _without_neutral(inner, value)
         kept[item.name] = value
     return kept
 

@@ -11,7 +11,9 @@ its field here and the code that reads it.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import dataclasses
+import typing
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -31,6 +33,16 @@ def ranged(check: Callable[[Any], bool], allowed: str, default: Any = MISSING) -
     if default is not MISSING:
         metadata["neutral"] = default
     return field(default=default, metadata=metadata)
+
+
+def settings_fields(node: type) -> Iterator[tuple[dataclasses.Field, type | None]]:
+    """Each field of the settings class `node`, with the settings class its value holds
+    (directly, optionally or as list items), or None: how the range checks and the identity
+    walk the schema."""
+    hints = typing.get_type_hints(node)
+    for item in dataclasses.fields(node):
+        inner = (hints[item.name], *typing.get_args(hints[item.name]))
+        yield item, next((t for t in inner if dataclasses.is_dataclass(t)), None)
 
 
 def is_number(value: Any) -> bool:

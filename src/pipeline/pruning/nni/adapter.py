@@ -154,7 +154,7 @@ def channel_masks(
     from nni.algorithms.compression.v2.pytorch import TorchEvaluator
 
     quiet_nni()
-    # config.settings_from has checked that _target_ imports (TARGETS).
+    # pipeline.checks.settings.settings_from has checked that _target_ imports (TARGETS).
     pruner_class = get_class(settings._target_)
     model.to(device)
     dummy_input = torch.rand(
