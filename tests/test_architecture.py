@@ -1,4 +1,5 @@
-"""The package's shape: data flows one way between modules, and one folder talks to NNI.
+"""The package's shape: data flows one way between modules, and one folder talks to each
+pruning engine (NNI, Torch-Pruning).
 
 Both rules are about every import, including those written inside functions, because a
 function-level import only hides a circle from Python's loader, not from the reader.
@@ -12,6 +13,7 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = SRC / "pipeline"
 NNI_HOME = PACKAGE / "pruning" / "nni"
+TP_HOME = PACKAGE / "pruning" / "tp"
 
 
 def module_name(path: Path) -> str:
@@ -91,14 +93,22 @@ def test_the_circle_finder_sees_a_circle_through_a_function_level_import():
     assert find_cycle(graph) == ["pipeline.a", "pipeline.b", "pipeline.c", "pipeline.a"]
 
 
-def test_only_the_nni_engine_folder_imports_nni():
-    outside = sorted(
+def importers_outside(home: Path, package: str) -> list[str]:
+    """The package's files outside `home` that import `package` (or a module of it)."""
+    return sorted(
         str(path.relative_to(SRC))
         for path in PACKAGE.rglob("*.py")
-        if NNI_HOME not in path.parents
-        and any(name == "nni" or name.startswith("nni.") for name in imports_of(path))
+        if home not in path.parents
+        and any(n == package or n.startswith(f"{package}.") for n in imports_of(path))
     )
-    assert outside == []
+
+
+def test_only_the_nni_engine_folder_imports_nni():
+    assert importers_outside(NNI_HOME, "nni") == []
+
+
+def test_only_the_torch_pruning_engine_folder_imports_torch_pruning():
+    assert importers_outside(TP_HOME, "torch_pruning") == []
 
 
 def test_there_are_exactly_five_stages():

@@ -8,7 +8,11 @@ from pipeline.errors import ConfigError
 @pytest.mark.parametrize(
     ("override", "expected"),
     [
-        ("pruner=magnitude", "pruner='magnitude' is not allowed; allowed values: apoz, mean_rank"),
+        (
+            "pruner=magnitude",
+            "pruner='magnitude' is not allowed; allowed values: apoz, fpgm, l1_norm, l2_norm, "
+            "mean_rank, taylor, tp_activation, tp_lamp, tp_magnitude, tp_taylor",
+        ),
         ("baseline.epochs=x", "baseline.epochs='x' is not allowed; allowed values: an integer"),
         (
             "finetune.optimizer._target_=torch.optim.Nope",
@@ -102,7 +106,8 @@ def test_command_line_values_come_back_as_the_types_the_stages_use(tiny):
 
 def test_every_job_of_a_command_line_is_checked_before_any_runs():
     with pytest.raises(
-        ConfigError, match=r"pruner='magnitude' is not allowed; allowed values: apoz, mean_rank$"
+        ConfigError,
+        match=r"pruner='magnitude' is not allowed; allowed values: apoz, fpgm, .*, tp_taylor$",
     ):
         check_command_line(["pruner=magnitude"])
     # A sweep's bad jobs are named before any runs (they will fail alone, the others run) ...

@@ -22,6 +22,7 @@ from pipeline.models.stats import count_params
 from pipeline.models.zoo import build_from_config
 from pipeline.pruning.budget import BudgetSearch, sparsity_for_budget
 from pipeline.pruning.budget import achieved as budget_achieved
+from pipeline.pruning.engine import engine_for
 from pipeline.pruning.steps import prune_step
 from pipeline.report import summary_table
 from pipeline.report.run_plots import resource_usage, training_curves
@@ -179,7 +180,12 @@ def run(settings: RunSettings, run_dir: Path, tracker: Tracker | None = None) ->
     if settings.measure.onnx:
         export_onnx(tuned.model, splits.input_shape, model_dir / "model.onnx")
 
+    engine = engine_for(settings.pruner)
     pruning = {
+        "engine": engine.name,
+        # Torch-Pruning removes the channels as it ranks them: the speedup stage then only
+        # re-estimates BatchNorm statistics. Said here, so the stage is not silently empty.
+        "speedup": "done while pruning" if engine.narrows_while_ranking else "ModelSpeedup",
         "config_list": config_list,
         "device": prune_device.type,
         "iterations": settings.pruner.iterations,

@@ -40,6 +40,20 @@ def check_inputs(settings: RunSettings) -> None:
         check_checkpoint_fits(key, path, model)
     check_layer_names(layer_names, model)
     check_sparsity_scale(settings.pruner, model)
+    check_ignored_layers(settings.pruner, model)
+
+
+def check_ignored_layers(pruner: PrunerSettings, model: Any) -> None:
+    """Every pruner.ignored_layers pattern names a layer: a misspelt one would spare nothing."""
+    from fnmatch import fnmatchcase
+
+    names = [name for name, _ in model.named_modules() if name]
+    for pattern in pruner.ignored_layers or []:
+        if not any(fnmatchcase(name, pattern) for name in names):
+            raise ConfigError(
+                f"pruner.ignored_layers: {pattern!r} matches no layer; allowed values: patterns "
+                f"over the layer names, e.g. {names[0]!r}, '{names[-1].split('.')[0]}.*'"
+            )
 
 
 def check_sparsity_scale(pruner: PrunerSettings, model: Any) -> None:
@@ -139,7 +153,17 @@ def _bare_model(model_settings: Any):
     from hydra.utils import instantiate
 
     overrides = {"weights": "none"} if "weights" in model_settings else {}
-    return instantiate(model_settings, **overrides)
+    try:
+        return instantiate(model_settings, **overrides)
+    except Exception as error:
+        cause = error.__cause__ or error
+        keys = ", ".join(k for k in model_settings if k != "_target_")
+        raise ConfigError(
+            f"model._target_={model_settings.get('_target_')!r} cannot be built from "
+            f"model.{{{keys}}} ({type(cause).__name__}: {first_line(cause)}); allowed: the "
+            f"builder's own arguments (a model file of its own, e.g. model=timm, or ~model.KEY "
+            f"to drop one)"
+        ) from None
 
 
 def check_checkpoint_fits(key: str, path: str, model) -> None:

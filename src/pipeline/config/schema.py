@@ -143,23 +143,30 @@ class LayerScale:
         return {scale.layers: scale.factor for scale in scales}
 
 
+def engine_option(check: Callable[[Any], bool], allowed: str, neutral: bool = False) -> Any:
+    """An option that only some pruners read: None where the pruner's file leaves it out, and
+    refused (pipeline.pruning.engine.refuse_unread) where it is given to a pruner that does not
+    read it. `neutral`: None is left out of a run's identity (options new to the schema)."""
+    metadata = {"check": lambda v: v is None or check(v), "allowed": allowed, "optional": True}
+    if neutral:
+        metadata["neutral"] = None
+    return field(default=None, metadata=metadata)
+
+
+def _always(value: Any) -> bool:
+    return True
+
+
 @dataclass
 class PrunerSettings:
-    # The NNI pruner class (ActivationMeanRankPruner, ...); conf/pruner/<name>.yaml sets it.
+    """One pruner's settings. conf/pruner/<name>.yaml sets `_target_` (the engine follows from
+    its top-level package: an NNI pruner class, or a Torch-Pruning importance class) and the
+    options that pruner reads; the others stay None."""
+
     _target_: str = MISSING
-    mode: PruningMode = MISSING
-    activation: Activation = MISSING
-    training_steps: int = ranged(lambda v: v >= 1, "an integer >= 1")
-    # of the batches that rank channels and re-estimate BatchNorm
-    batch_size: int = ranged(lambda v: v >= 1, "an integer >= 1")
-    statistics: Statistics = MISSING
-    lr: float = MISSING
-    config_list: Any = ranged(
-        lambda v: v is None or OmegaConf.is_list(v),
-        "null or a list of NNI config dicts like [{sparsity_per_layer: 0.2, op_types: [Conv2d]}]",
-    )
+    # Read by every engine (pipeline.stages.prune, pipeline.pruning.steps).
+    batch_size: int = ranged(lambda v: v >= 1, "an integer >= 1")  # ranking and BN batches
     exclude_last_layer: bool = MISSING
-    confidence: int = ranged(lambda v: v > 1, "an integer > 1")
     pruning_on_cuda: bool = MISSING
     round_to: int | None = ranged(lambda v: v is None or v >= 1, "null or an integer >= 1")
     # Factors on the sparsity of the layers whose names match a pattern. A list, not a mapping:
@@ -169,7 +176,36 @@ class PrunerSettings:
     iterations: int = ranged(lambda v: v >= 1, "an integer >= 1")
     recalibration_batches: int = ranged(lambda v: v >= 0, "an integer >= 0")
     recalibrate: Recalibration = MISSING
-    trace_input_size: int | None = ranged(lambda v: v is None or v >= 8, "null or an integer >= 8")
+    # Read by the pruners that rank on data (activations, gradients): training batches.
+    training_steps: int | None = engine_option(lambda v: v >= 1, "an integer >= 1")
+    # NNI's (pipeline.pruning.nni): identity keeps them, as runs before the second engine did.
+    mode: PruningMode | None = engine_option(_always, "normal or dependency_aware")
+    activation: Activation | None = engine_option(_always, "relu, relu6, gelu or abs")
+    statistics: Statistics | None = engine_option(_always, "activation or nni")
+    lr: float | None = engine_option(lambda v: v > 0, "a number > 0")
+    config_list: Any = engine_option(
+        lambda v: OmegaConf.is_list(v),
+        "null or a list of NNI config dicts like [{sparsity_per_layer: 0.2, op_types: [Conv2d]}]",
+    )
+    confidence: int | None = engine_option(lambda v: v > 1, "an integer > 1")
+    trace_input_size: int | None = engine_option(lambda v: v >= 8, "null or an integer >= 8")
+    # Torch-Pruning's (pipeline.pruning.tp).
+    # Keyword arguments of the importance class `_target_` (GroupMagnitudeImportance: p=2).
+    importance: dict[str, Any] | None = engine_option(
+        _always, "a mapping of the importance class's arguments, e.g. {p: 2}", neutral=True
+    )
+    # Rank the channels of all layers together (Torch-Pruning's global pruning), so that the
+    # engine allocates the sparsity across layers; false: every layer loses `sparsity`.
+    global_pruning: bool | None = engine_option(_always, "true or false", neutral=True)
+    # Global ranking only among groups of the same structure (ECCV 2024), needs global_pruning.
+    isomorphic: bool | None = engine_option(_always, "true or false", neutral=True)
+    # fnmatch patterns of layers never pruned; the output layer always is (exclude_last_layer).
+    ignored_layers: list[str] | None = engine_option(
+        _always, "a list of layer-name patterns such as ['encoder.layers.0.*']", neutral=True
+    )
+    # Remove whole attention heads of nn.MultiheadAttention (at the step's sparsity) instead of
+    # narrowing every head.
+    prune_heads: bool | None = engine_option(_always, "true or false", neutral=True)
 
 
 @dataclass

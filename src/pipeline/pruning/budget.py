@@ -243,11 +243,16 @@ def _search(
     replay: Callable[[], None],
 ) -> BudgetSearch:
     # With pruner.round_to every layer's count follows from the config list alone; without it
-    # NNI allocates one total sparsity across layers by rank, so the statistics decide the
-    # counts and the search prunes as the run will (and the run checks what it reached).
+    # NNI allocates one total sparsity across layers by rank (Torch-Pruning too, with
+    # global_pruning), so the statistics decide the counts and the search prunes as the run
+    # will (and the run checks what it reached).
     cheap = (
-        dataclasses.replace(pruner, training_steps=1, recalibration_batches=0)
-        if pruner.round_to
+        dataclasses.replace(
+            pruner,
+            training_steps=None if pruner.training_steps is None else 1,
+            recalibration_batches=0,
+        )
+        if pruner.round_to and not pruner.global_pruning
         else pruner
     )
     shape = inputs.input_shape

@@ -243,7 +243,11 @@ def tracked_run(
         yield NullTracker()
         return
     tracker = MlflowTracker(tracking, cfg.paths.output_root)
-    tracker.start(flatten(_resolved_or_raw(cfg)), run_name, log_file)
+    params = flatten(_resolved_or_raw(cfg))
+    # The engine follows from the pruner's class (pipeline.pruning.engine): one column to
+    # compare engines by in the runs table.
+    params["pruner.engine"] = params.get("pruner._target_", "?").split(".", 1)[0]
+    tracker.start(params, run_name, log_file)
     try:
         yield tracker
     except KeyboardInterrupt as error:

@@ -59,6 +59,20 @@ def layer_signature(model: nn.Module) -> tuple:
     )
 
 
+# NNI 2.10.1's structured pruners by what they rank channels on; any other class (an activation
+# pruner of NNI's, or one with the same constructor) ranks on activations.
+NORM_PRUNERS = ("L1NormPruner", "L2NormPruner", "FPGMPruner")  # the weights alone
+GRADIENT_PRUNERS = ("TaylorFOWeightPruner",)  # weight x gradient over training steps
+
+
+def pruner_kind(target: str) -> str:
+    """norm, gradient or activation: which settings the pruner class `target` reads."""
+    name = str(target).rsplit(".", 1)[-1]
+    if name in NORM_PRUNERS:
+        return "norm"
+    return "gradient" if name in GRADIENT_PRUNERS else "activation"
+
+
 # pruner.activation values NNI 2.10.1 does not offer (schema.NNI_ACTIVATIONS): the pruner is
 # built with relu and given these instead; its hooks read the function at every batch.
 MAGNITUDES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {"abs": torch.abs}
@@ -143,16 +157,15 @@ def channel_masks(
     dependencies: LayerDependencies | None = None,
 ) -> tuple[Masks, LayerDependencies | None]:
     """Rank output channels with the pruner class named by settings._target_ and return NNI's
-    masks for the lowest-ranked ones; `model` keeps its layer shapes and its weights unless
-    settings.statistics is "nni" (NNI's evaluator trains it while it collects).
+    masks for the lowest-ranked ones. `model` keeps its layer shapes, and its weights too,
+    except where NNI trains it while it ranks (Taylor pruners, statistics=nni: training_steps
+    batches at pruner.lr, as NNI's evaluator does). Norm pruners read the weights of a copy,
+    activation pruners observe a BatchNorm-folded copy; masks are keyed by layer name.
 
     In dependency_aware mode NNI traces the model to find which layers must be pruned alike;
     `dependencies` found on an earlier, wider version of the same model (see
     LayerDependencies.fit) spare that trace. The dependencies used are returned with the
     masks (None in normal mode)."""
-    import nni
-    from nni.algorithms.compression.v2.pytorch import TorchEvaluator
-
     quiet_nni()
     # pipeline.checks.settings.settings_from has checked that _target_ imports (TARGETS).
     pruner_class = get_class(settings._target_)
@@ -162,44 +175,90 @@ def channel_masks(
         *trace_shape(model, input_shape, settings.trace_input_size),
         device=device,
     )
-    if settings.statistics == "activation":
+    mode = _value(settings.mode)
+    found: list[LayerDependencies] = []
+    try:
+        with lean_tracing(), known_dependencies(model, dependencies, found):
+            if pruner_kind(settings._target_) == "norm":
+                target = copy.deepcopy(model)
+                pruner = pruner_class(target, config_list, mode=mode, dummy_input=dummy_input)
+            else:
+                pruner = _data_pruner(
+                    pruner_class,
+                    model,
+                    config_list,
+                    settings,
+                    loader,
+                    criterion,
+                    device,
+                    dummy_input,
+                )
+            _, masks = pruner.compress()
+    except Exception as error:
+        raise unsupported("pruner", error) from error
+    pruner._unwrap_model()
+    return masks, (found[0] if found else None)
+
+
+def _data_pruner(
+    pruner_class: type,
+    model: nn.Module,
+    config_list: list[dict],
+    settings: PrunerSettings,
+    loader: Iterable,
+    criterion: Callable,
+    device: torch.device,
+    dummy_input: torch.Tensor,
+):
+    """An NNI pruner that ranks on training batches: a Taylor pruner or an activation pruner,
+    with the evaluator that feeds it."""
+    import nni
+    from nni.algorithms.compression.v2.pytorch import TorchEvaluator
+
+    gradient = pruner_kind(settings._target_) == "gradient"
+    if not gradient and settings.statistics == "activation":
         # NNI hooks each layer's own output (a conv's is taken before its BatchNorm), applies
         # `activation` itself, and stops adding once the *samples* seen reach training_steps,
         # while its evaluator trains the model for training_steps *batches*. To rank channels
         # by the activation the network really produces: rank on a copy with BatchNorm folded
         # into the convolutions (so a conv's output is the BN output), feed it exactly
         # training_steps batches forward-only in eval mode, and give NNI a sample budget that
-        # covers them all. Masks are keyed by layer name, so they apply to `model` unchanged.
+        # covers them all.
         target = fold_batchnorm(copy.deepcopy(model).eval())
         batch_size = getattr(loader, "batch_size", None) or 1
         nni_steps = settings.training_steps * batch_size
         training_func = observe_func(loader, device, settings.training_steps)
     else:
+        # Taylor scores (weight x gradient) and statistics=nni come from NNI's own training
+        # steps, which train `model` itself, as NNI does.
         target, nni_steps = model, settings.training_steps
         training_func = nni_training_func(loader, device)
     # NNI re-creates the optimizer for the wrapped model, so it must be traced.
     optimizer = nni.trace(torch.optim.Adam)(target.parameters(), lr=settings.lr)
     evaluator = TorchEvaluator(training_func, optimizer, criterion, dummy_input=dummy_input)
-    found: list[LayerDependencies] = []
+    mode = _value(settings.mode)
+    if gradient:
+        return pruner_class(
+            target,
+            config_list,
+            evaluator,
+            training_steps=nni_steps,
+            mode=mode,
+            dummy_input=dummy_input,
+        )
     activation = _value(settings.activation)
-    try:
-        with lean_tracing(), known_dependencies(model, dependencies, found):
-            pruner = pruner_class(
-                target,
-                config_list,
-                evaluator,
-                training_steps=nni_steps,
-                activation=activation if activation in NNI_ACTIVATIONS else "relu",
-                mode=_value(settings.mode),
-                dummy_input=dummy_input,
-            )
-            if activation in MAGNITUDES:
-                pruner._activation = MAGNITUDES[activation]
-            _, masks = pruner.compress()
-    except Exception as error:
-        raise unsupported("pruner", error) from error
-    pruner._unwrap_model()
-    return masks, (found[0] if found else None)
+    pruner = pruner_class(
+        target,
+        config_list,
+        evaluator,
+        training_steps=nni_steps,
+        activation=activation if activation in NNI_ACTIVATIONS else "relu",
+        mode=mode,
+        dummy_input=dummy_input,
+    )
+    if activation in MAGNITUDES:
+        pruner._activation = MAGNITUDES[activation]
+    return pruner
 
 
 @contextlib.contextmanager

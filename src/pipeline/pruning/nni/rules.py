@@ -213,4 +213,7 @@ def unsupported(step: str, error: BaseException) -> UnsupportedModelError:
     reason = f"{type(error).__name__}: {first_line(error)}"
     operation = failed_operation(error)
     where = f" at {operation}" if operation else ""
-    return UnsupportedModelError(f"NNI 2.10.1's {step} cannot take this model{where} ({reason})")
+    return UnsupportedModelError(
+        f"NNI 2.10.1's {step} cannot take this model{where} ({reason}); allowed: the other "
+        f"engine, Torch-Pruning, which traces models its own way: pruner=tp_magnitude"
+    )

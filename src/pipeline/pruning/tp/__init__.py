@@ -1,0 +1,1 @@
+"""Torch-Pruning 1.6, the second pruning engine: the only code that imports torch_pruning."""
