@@ -34,5 +34,6 @@ def test_unknown_pruner_exits_non_zero_with_one_line(tmp_path):
     result = run_cli("pruner=magnitude", cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip() == (
-        "error: pruner='magnitude' is not allowed; allowed values: apoz, mean_rank"
+        "error: pruner='magnitude' is not allowed; allowed values: apoz, fpgm, l1_norm, l2_norm, "
+        "mean_rank, taylor, tp_activation, tp_lamp, tp_magnitude, tp_taylor"
     )
