@@ -38,13 +38,23 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PRUNERS = ("mean_rank", "apoz")
+PRUNERS = ("mean_rank", "tp_magnitude")  # one per engine: NNI, Torch-Pruning
 SPARSITY = 0.3
 NUM_CLASSES = 10
 DEFAULT_SIZE = 64
 # Builders that need another input size: Inception v3 pools below 75 px; MaxViT partitions
 # 7x7 windows at every stage; ViT-H/14's patches must tile the image.
 SIZES = {"inception_v3": 96, "maxvit_t": 224, "vit_h_14": 56}
+# Families whose whole graph Torch-Pruning 1.6.1 cannot prune (ShuffleNetV2's channel shuffle
+# stops its tracer; Swin's and MaxViT's relative-position tables make its grouping grow until
+# memory runs out): it prunes only the widths free inside these submodules
+# (pruner.submodules), the MLP hidden width of a transformer block, the inner width of a
+# ShuffleNet branch. The row says which layers it pruned.
+FREE_WIDTHS = {
+    "swin_": ["*.mlp"],
+    "shufflenet_v2_": ["*.branch2"],
+    "maxvit_": ["*.mlp_layer", "*.MBconv.layers"],
+}
 LATENCY_REPEATS = 40
 # Set for workers that run side by side (--jobs > 1): their timings would measure each other, so
 # the driver times every passing model afterwards, alone.
@@ -141,6 +151,34 @@ def run_model(name: str, pruners: list[str], size: int, results: Path) -> list[d
     return records
 
 
+def free_widths(name: str) -> list[str] | None:
+    """The submodules whose inner widths Torch-Pruning prunes when the whole graph fails."""
+    return next((v for prefix, v in FREE_WIDTHS.items() if name.startswith(prefix)), None)
+
+
+def pruner_overrides(pruner: str, model: str) -> list[str]:
+    """One step at SPARSITY, on the CPU, with the options each engine reads: NNI's
+    dependency-aware mode, two ranking batches for the pruners that rank on data, and
+    Torch-Pruning's free widths for the families in FREE_WIDTHS."""
+    import _common as common
+
+    overrides = [
+        f"pruner={pruner}",
+        "pruner.iterations=1",
+        "pruner.batch_size=8",
+        "pruner.pruning_on_cuda=false",
+        f"sparsity={SPARSITY}",
+    ]
+    composed = common.compose(overrides).pruner
+    if composed.get("submodules") is not None and free_widths(model):
+        overrides.append(f"pruner.submodules=[{','.join(map(repr, free_widths(model)))}]")
+    if composed.get("mode") is not None:
+        overrides.append("pruner.mode=dependency_aware")
+    if composed.get("training_steps") is not None:
+        overrides.append("pruner.training_steps=2")
+    return overrides
+
+
 def _prune_and_save(model, config, pruner, shape, folder, base, probe):
     """Prune a copy of `model` with `pruner`, speed it up, save it and its outputs on `probe`;
     the record's step is "reload" when all of that worked (the reload is the caller's)."""
@@ -153,25 +191,15 @@ def _prune_and_save(model, config, pruner, shape, folder, base, probe):
     from pipeline.models.pruned import save_pruned
     from pipeline.models.stats import count_macs, count_params
     from pipeline.pruning.nni.adapter import quiet_nni
-    from pipeline.pruning.nni.adapter import speedup as nni_speedup
     from pipeline.stages.prune import prune
+    from pipeline.stages.speedup import speedup
 
     record = base | {"pruner": pruner}
     started = time.perf_counter()
     step = "prune"
     try:
         quiet_nni()
-        settings = common.project_settings(
-            [
-                f"pruner={pruner}",
-                "pruner.mode=dependency_aware",
-                "pruner.iterations=1",
-                "pruner.training_steps=2",
-                "pruner.batch_size=8",
-                "pruner.pruning_on_cuda=false",
-                f"sparsity={SPARSITY}",
-            ]
-        ).pruner
+        settings = common.project_settings(pruner_overrides(pruner, base["model"])).pruner
         common.seed_everything(common.SEED)
         generator = torch.Generator().manual_seed(common.SEED)
         images = torch.randn(16, *shape, generator=generator)
@@ -185,10 +213,8 @@ def _prune_and_save(model, config, pruner, shape, folder, base, probe):
         )
         pruned = prune(copy.deepcopy(model), inputs, settings, SPARSITY)
 
-        step = "speedup"
-        small = nni_speedup(
-            pruned.model, pruned.masks, shape, settings.confidence, settings.trace_input_size
-        ).eval()
+        step = "speedup"  # Torch-Pruning's model is already narrow: its narrow only checks it
+        small = speedup(pruned.model, pruned.masks, inputs, settings, recalibrate=False).eval()
         record["pruned_params"] = count_params(small)
         record["pruned_macs"] = count_macs(small, shape)
 
@@ -426,11 +452,74 @@ def _progress_line(record: dict) -> str:
 # docs/models.md
 
 
-def table(records: list[dict], pruners: list[str], command: str) -> str:
+def engine_of(pruner: str) -> str:
+    import _common as common
+
+    target = common.compose([f"pruner={pruner}"]).pruner._target_
+    return "Torch-Pruning" if target.startswith("torch_pruning.") else "NNI"
+
+
+def best(rows: dict[str, dict], pruners: list[str]) -> str | None:
+    """The passing pruner that removed the most compute (lowest MACs ratio); within half a
+    point of MACs, the one whose latency ratio is lower."""
+    passing = [p for p in pruners if rows.get(p, {}).get("status") == "pass"]
+    if not passing:
+        return None
+
+    def key(pruner: str) -> tuple[float, float]:
+        record = rows[pruner]
+        macs = round(record["pruned_macs"] / record["macs"] / 0.005)
+        return macs, (record.get("latency") or {}).get("ratio", float("inf"))
+
+    return min(passing, key=key)
+
+
+def narrowed_layers(record: dict, results: Path) -> str:
+    """Which layers the saved pruned model has narrower than the builder's: a count of the
+    convolutions and linear layers, and their names with the block numbers starred where
+    they fit in a few patterns."""
+    import re
+
+    import torch
+
+    from pipeline.models.zoo import build_from_config
+
+    saved = results / f"{record['model']}-{record['pruner']}" / "pruned_model"
+    layers = json.loads((saved / "architecture.json").read_text())["layers"]
+    with META_LOCK, torch.device("meta"):
+        try:
+            reference = dict(
+                build_from_config(model_config(record["model"], record["size"])).named_modules()
+            )
+        except NotImplementedError:
+            reference = None
+    if reference is None:
+        reference = dict(
+            build_from_config(model_config(record["model"], record["size"])).named_modules()
+        )
+    widths = {"Conv2d": "out_channels", "Linear": "out_features"}
+    total = sum(1 for m in reference.values() if type(m).__name__ in widths) - 1  # not the head
+    narrowed = [
+        name
+        for name, spec in layers.items()
+        if spec["type"] in widths
+        and spec[widths[spec["type"]]] < getattr(reference[name], widths[spec["type"]])
+    ]
+    patterns = list(dict.fromkeys(re.sub(r"(?<=[._])\d+(?=\.|$)", "*", name) for name in narrowed))
+    text = f"{len(narrowed)} of {total}"
+    return text + (": " + ", ".join(patterns) if len(patterns) <= 3 else "")
+
+
+def table(
+    records: list[dict], pruners: list[str], command: str, results: Path | None = None
+) -> str:
+    from importlib.metadata import version
+
     import nni
     import torch
     import torchvision
 
+    engines = {p: engine_of(p) for p in pruners}
     by_model: dict[str, dict[str, dict]] = {}
     for record in records:
         by_model.setdefault(record["model"], {})[record["pruner"]] = record
@@ -439,46 +528,63 @@ def table(records: list[dict], pruners: list[str], command: str) -> str:
         pruner: sum(1 for rows in by_model.values() if rows.get(pruner, {}).get("status") == "pass")
         for pruner in pruners
     }
+    either = sum(1 for rows in by_model.values() if best(rows, pruners))
+    free = ", ".join(f"{prefix}* inside {', '.join(v)}" for prefix, v in FREE_WIDTHS.items())
     lines = [
-        "# Which torchvision classifiers the pipeline prunes",
+        "# Which torchvision classifiers the pipeline prunes, with each engine",
         "",
         "Every classification builder of the installed torchvision, random weights, 10 classes, "
-        f"through prune (dependency_aware, sparsity {SPARSITY}, one step, channels rounded as "
-        "the project's default `pruner.round_to`) -> speedup -> `save_pruned` -> `load_pruned` in "
-        "a fresh process without NNI -> identical outputs. Ratios are the pruned model's against "
-        f"the unpruned one's; latency: CPU, batch 1, eager, {LATENCY_REPEATS} calls each in "
-        f"{LATENCY_ROUNDS} alternating rounds (the measure stage's timing). Input "
+        f"through prune (sparsity {SPARSITY}, one step, channels rounded as the project's "
+        "default `pruner.round_to`; NNI dependency_aware) -> speedup (NNI's ModelSpeedup; "
+        "Torch-Pruning removes the channels while it prunes) -> `save_pruned` -> `load_pruned` "
+        "in a fresh process that imports neither engine's code -> identical outputs. Ratios "
+        "are the pruned model's against the unpruned one's; latency: CPU, batch 1, eager, "
+        f"{LATENCY_REPEATS} calls each in {LATENCY_ROUNDS} alternating rounds (the measure "
+        "stage's timing), with its 95 % interval. Input "
         f"{DEFAULT_SIZE}x{DEFAULT_SIZE} except "
         + ", ".join(f"{name} {size}x{size}" for name, size in SIZES.items())
-        + ". Skipped models count as not passing.",
+        + " (ViT: `image_size` of the builder set to the input, so 16x16 or 32x32 patches "
+        "tile it). Skipped models count as not passing.",
+        "",
+        "Pruned: how many of the model's convolutions and linear layers (the output layer "
+        "aside) the saved model has narrower, with their names where a few patterns hold them "
+        "(numbers starred). Where Torch-Pruning cannot trace or group the whole graph it "
+        f"prunes only the widths free inside submodules ({free}: `pruner.submodules`); the "
+        "MACs ratio shows how much that removed. Best engine: the passing one that removed "
+        "the most MACs (within half a point, the faster one).",
         "",
         "Passing end to end: "
-        + ", ".join(f"**{counts[p]} of {total}** with `{p}`" for p in pruners)
-        + ". (Torch-Pruning publishes 77 of 85 for its own pruners.)",
+        + ", ".join(f"**{counts[p]} of {total}** with `{p}` ({engines[p]})" for p in pruners)
+        + f"; **{either} of {total} with at least one engine**. (Torch-Pruning publishes "
+        "77 of 85 for its own pruners.)",
         "",
         f"Produced by `{command}` with torch {torch.__version__}, torchvision "
-        f"{torchvision.__version__}, NNI {nni.__version__}, Python {platform.python_version()}, "
-        f"on {platform.machine()} ({os.cpu_count()} CPUs).",
+        f"{torchvision.__version__}, NNI {nni.__version__}, Torch-Pruning "
+        f"{version('torch-pruning')}, Python {platform.python_version()}, on "
+        f"{platform.machine()} ({os.cpu_count()} CPUs).",
         "",
         "| model | params (M) | "
-        + " | ".join(f"{p} | params | MACs | latency | s" for p in pruners)
-        + " |",
-        "|---|---:|" + "---|---:|---:|---:|---:|" * len(pruners),
+        + " | ".join(f"{p} ({engines[p]}) | pruned | params | MACs | latency | s" for p in pruners)
+        + " | best engine |",
+        "|---|---:|" + "---|---|---:|---:|---:|---:|" * len(pruners) + "---|",
     ]
     for name in sorted(by_model):
         rows = by_model[name]
         params = next((r.get("params") for r in rows.values() if r.get("params")), None)
         cells = [name, f"{params / 1e6:.1f}" if params else "?"]
         for pruner in pruners:
-            cells += _cells(rows.get(pruner))
+            record = rows.get(pruner)
+            if record and record["status"] == "pass" and results is not None:
+                record["pruned"] = narrowed_layers(record, results)
+            cells += _cells(record)
+        winner = best(rows, pruners)
+        cells.append(f"{engines[winner]} (`{winner}`)" if winner else "none")
         lines.append("| " + " | ".join(cells) + " |")
-    failures = [
-        record
-        for record in records
-        if record["status"] != "pass" and record["pruner"] == pruners[0]
-    ]
-    if failures:
-        lines += ["", f"## What fails, and where (`{pruners[0]}`)", ""]
+    for pruner in pruners:
+        failures = [r for r in records if r["status"] != "pass" and r["pruner"] == pruner]
+        if not failures:
+            continue
+        lines += ["", f"## What fails, and where (`{pruner}`, {engines[pruner]})", ""]
         for record in sorted(failures, key=lambda r: r["model"]):
             operation = f" ({record['operation']})" if record.get("operation") else ""
             lines.append(
@@ -490,13 +596,15 @@ def table(records: list[dict], pruners: list[str], command: str) -> str:
 
 def _cells(record: dict | None) -> list[str]:
     if record is None:
-        return ["not run", "", "", "", ""]
+        return ["not run", "", "", "", "", ""]
     if record["status"] != "pass":
         label = "skipped" if record["status"] == "skipped" else f"fail: {record.get('step')}"
-        return [label, "", "", "", f"{record.get('seconds', 0):.0f}" if "seconds" in record else ""]
+        seconds = f"{record.get('seconds', 0):.0f}" if "seconds" in record else ""
+        return [label, "", "", "", "", seconds]
     latency = record.get("latency")
     return [
         "pass",
+        record.get("pruned", "?"),
         f"{record['pruned_params'] / record['params']:.3f}",
         f"{record['pruned_macs'] / record['macs']:.3f}",
         f"{latency['ratio']:.2f} [{latency['ci_low']:.2f}, {latency['ci_high']:.2f}]"
@@ -538,7 +646,7 @@ def main() -> None:
     records = run_all(args)
     command = "python benchmarks/models.py " + " ".join(sys.argv[1:])
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(table(records, args.pruners.split(","), command.strip()))
+    args.output.write_text(table(records, args.pruners.split(","), command.strip(), args.results))
     print(f"table: {args.output}")
 
 

@@ -32,6 +32,31 @@ def test_each_pruner_runs_the_five_stages(tiny, tmp_path, pruner):
     assert record["pruning"]["speedup"] == expected
 
 
+def test_the_report_tells_every_pruner_apart_by_engine_and_criterion(tiny_config):
+    """A sweep over every criterion must not end in rows a reader cannot tell apart."""
+    from omegaconf import OmegaConf
+
+    from pipeline.report.compare import criterion, engine_name
+
+    pruners = ("mean_rank", "apoz", *NEW_PRUNERS)
+    labels = {}
+    for pruner in pruners:
+        config = OmegaConf.to_container(
+            tiny_config(f"pruner={pruner}"), resolve=True, enum_to_str=True
+        )
+        # Without a "pruning" record (runs from before engines were a choice), from the target.
+        labels[pruner] = (engine_name({"config": config}), criterion({"config": config}))
+    assert len(set(labels.values())) == len(pruners), labels
+    for pruner, (engine, _) in labels.items():
+        assert engine == ("Torch-Pruning" if pruner.startswith("tp_") else "NNI"), labels
+    assert labels["mean_rank"][1] == "MeanRank of abs"
+    assert labels["tp_magnitude"][1] == "Magnitude p=2"
+    config = OmegaConf.to_container(
+        tiny_config("pruner=tp_lamp", "pruner.global_pruning=true"), resolve=True
+    )
+    assert criterion({"config": config}) == "LAMP p=2 global"
+
+
 def test_local_torch_pruning_keeps_the_widths_nni_keeps(tiny):
     """With local pruning and round_to, both engines keep the same channel counts in every
     layer: two criteria compared at one sparsity differ only in which channels they keep."""
@@ -57,6 +82,11 @@ def test_local_torch_pruning_keeps_the_widths_nni_keeps(tiny):
         (("pruner=l1_norm", "pruner.training_steps=5"), "pruner.training_steps=5"),
         (("pruner=tp_magnitude", "pruner.isomorphic=true"), "pruner.isomorphic=true"),
         (("pruner=tp_magnitude", "+pruner.importance.q=3"), "pruner.importance.q"),
+        (("pruner=mean_rank", "pruner.submodules=[x]"), "pruner.submodules=['x']"),
+        (
+            ("pruner=tp_magnitude", "pruner.global_pruning=true", "pruner.submodules=['*.mlp']"),
+            "pruner.submodules",
+        ),
     ],
 )
 def test_an_option_the_pruner_does_not_read_is_refused(tiny, overrides, named):
@@ -111,3 +141,59 @@ def test_a_model_only_torch_pruning_takes_runs_and_reloads_without_it(tiny, tmp_
     assert torch.equal(reloaded, expected)
     architecture = json.loads((directory / "architecture.json").read_text())
     assert architecture["model"]["_target_"] == "timm.create_model"
+
+
+def shufflenet_inputs():
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from pipeline.data.datasets import Loaders, StageInputs
+
+    images, labels = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    loader = DataLoader(TensorDataset(images, labels), batch_size=4)
+    return StageInputs(Loaders(loader, (), ()), nn.CrossEntropyLoss(), torch.device("cpu"),
+                       (3, 32, 32))  # fmt: skip
+
+
+def test_only_the_widths_free_inside_submodules_where_the_whole_graph_fails(tiny, tmp_path):
+    """ShuffleNetV2's channel shuffle stops Torch-Pruning's tracer; pruner.submodules prunes
+    each branch's inner width on its own graph, and the model saves and reloads."""
+    from pipeline.errors import UnsupportedModelError
+    from pipeline.models.pruned import save_pruned
+    from pipeline.models.zoo import build_from_config
+    from pipeline.pruning.steps import prune_in_steps
+
+    config = {"_target_": "pipeline.models.torchvision_classifier",
+              "name": "shufflenet_v2_x0_5", "num_classes": 10, "weights": "none"}  # fmt: skip
+    torch.manual_seed(0)
+    model = build_from_config(config).eval()
+    whole = tiny("pruner=tp_magnitude", "pruner.iterations=1").pruner
+    with pytest.raises(UnsupportedModelError, match="Torch-Pruning .* cannot prune this model"):
+        prune_in_steps(build_from_config(config), shufflenet_inputs(), whole, 0.3)
+
+    settings = tiny(
+        "pruner=tp_magnitude", "pruner.iterations=1", "pruner.submodules=['*.branch2']"
+    ).pruner
+    pruned = prune_in_steps(build_from_config(config), shufflenet_inputs(), settings, 0.3)
+    small = pruned.model.eval()
+    before = {n: p.shape for n, p in model.named_parameters()}
+    changed = {n for n, p in small.named_parameters() if p.shape != before[n]}
+    assert changed and all(".branch2." in name for name in changed), changed
+    # The branch's first convolution loses channels; its last keeps the width that leaves it.
+    assert small.stage2[1].branch2[0].out_channels < model.stage2[1].branch2[0].out_channels
+    assert small.stage2[1].branch2[5].out_channels == model.stage2[1].branch2[5].out_channels
+    save_pruned(small, config, tmp_path / "pruned")
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(load_pruned(tmp_path / "pruned")(images), small(images))
+
+
+def test_submodules_that_match_nothing_are_refused_in_one_line(tiny):
+    from pipeline.models.zoo import mobilenet_v2
+    from pipeline.pruning.steps import prune_in_steps
+
+    settings = tiny(
+        "pruner=tp_magnitude", "pruner.iterations=1", "pruner.submodules=['*.mlp']"
+    ).pruner
+    with pytest.raises(ConfigError, match=r"pruner.submodules: \['\*.mlp'\] match no submodule"):
+        prune_in_steps(mobilenet_v2(10), shufflenet_inputs(), settings, 0.3)

@@ -126,6 +126,7 @@ def test_report_of_a_sweep_lists_every_model_and_shows_every_figure(sweep_report
         assert re.fullmatch(r"[+-]\d+\.\d\d pts \[.*\].*\(p=.*\)", row[change]), row[change]
         assert re.match(r"[+-]\d+\.\d% \[", row[latency]), row[latency]
         assert row["sparsity"] in SPARSITIES and row["pruner"] == "mean_rank"
+        assert (row["engine"], row["criterion"]) == ("NNI", "MeanRank of abs")
         assert row["front"] in ("yes", "no")
 
     images = referenced_images(markdown)

@@ -203,6 +203,13 @@ class PrunerSettings:
     ignored_layers: list[str] | None = engine_option(
         _always, "a list of layer-name patterns such as ['encoder.layers.0.*']", neutral=True
     )
+    # fnmatch patterns of submodules pruned each as a graph of its own, keeping the width of
+    # what leaves them (their last layer's outputs): only the widths free inside them, such as
+    # a transformer block's MLP hidden width or a ShuffleNet branch's inner width, for models
+    # whose whole graph the engine cannot trace. []: the whole model as one graph.
+    submodules: list[str] | None = engine_option(
+        _always, "a list of submodule-name patterns such as ['*.mlp']", neutral=True
+    )
     # Remove whole attention heads of nn.MultiheadAttention (at the step's sparsity) instead of
     # narrowing every head.
     prune_heads: bool | None = engine_option(_always, "true or false", neutral=True)

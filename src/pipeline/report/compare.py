@@ -107,6 +107,39 @@ def pruner_name(run: RunRecord) -> str:
     return target.rsplit(".", 1)[-1].removeprefix("Activation").removesuffix("Pruner")
 
 
+ENGINE_NAMES = {"nni": "NNI", "torch_pruning": "Torch-Pruning"}
+# Class-name parts that say what a class is, not which criterion it ranks by.
+SUFFIXES, PREFIXES = ("Pruner", "Importance"), ("Activation", "Group")
+
+
+def engine_name(record: dict) -> str:
+    """The engine that pruned a run; runs recorded before the engine was a choice were NNI's."""
+    engine = (record.get("pruning") or {}).get("engine")
+    if engine is None:
+        target = record.get("config", {}).get("pruner", {}).get("_target_", "")
+        engine = "torch_pruning" if target.startswith("torch_pruning.") else "nni"
+    return ENGINE_NAMES.get(engine, engine)
+
+
+def criterion(record: dict) -> str:
+    """What the pruner ranks channels by, with the options that change the ranking: the
+    criterion class's name ("MeanRank", "L1Norm", "Magnitude p=2", "LAMP p=2"), and "global"
+    where channels compete across layers."""
+    pruner = record.get("config", {}).get("pruner", {})
+    name = pruner.get("_target_", "?").rsplit(".", 1)[-1]
+    for suffix in SUFFIXES:
+        name = name.removesuffix(suffix)
+    for prefix in PREFIXES:
+        name = name.removeprefix(prefix) or name  # TP's ActivationImportance stays "Activation"
+    parts = [name]
+    if pruner.get("activation"):  # the function NNI's activation pruners rank the outputs of
+        parts.append(f"of {pruner['activation']}")
+    parts += [f"{key}={value}" for key, value in sorted((pruner.get("importance") or {}).items())]
+    if pruner.get("global_pruning"):
+        parts.append("global")
+    return " ".join(parts)
+
+
 def sparsity_text(record: dict) -> str:
     config = record.get("config", {})
     if config.get("pruner", {}).get("config_list"):

@@ -16,7 +16,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from matplotlib.transforms import Bbox  # noqa: E402
 
 from pipeline.files import atomic_path  # noqa: E402
-from pipeline.report.compare import Model, pareto_front  # noqa: E402
+from pipeline.report.compare import Model, engine_name, pareto_front  # noqa: E402
 from pipeline.report.tables import SIGNIFICANCE, class_changes, resource_series  # noqa: E402
 
 DPI = 110
@@ -26,6 +26,7 @@ BASELINE_GREYS = ["0.25", "0.5", "0.65"]
 # Models often coincide (same accuracy on a small test set, same memory): a marker of its own
 # keeps each line visible where it runs under another.
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "<", ">", "h"]
+ENGINE_MARKERS = ["o", "s", "D", "^"]
 
 
 def colours(models: list[Model]) -> dict[str, str]:
@@ -211,12 +212,18 @@ def accuracy_vs_macs(models: list[Model], path: Path) -> Path:
     colour = colours(models)
     points = [(m.figures["macs"] / 1e6, 100 * m.figures["accuracy"]) for m in models]
     front = pareto_front(points)
+    # One marker per engine, so the front across engines shows whose models make it up.
+    engines = [None if m.is_baseline else engine_name(m.record) for m in models]
+    present = [e for e in dict.fromkeys(engines) if e is not None]
+    shapes = {e: ENGINE_MARKERS[i % len(ENGINE_MARKERS)] for i, e in enumerate(present)}
+    shapes[None] = "*"
     figure, ax = plt.subplots(figsize=(9, 5.6))
-    for model, (x, y), on in zip(models, points, front, strict=True):
+    for model, engine, (x, y), on in zip(models, engines, points, front, strict=True):
         ax.scatter(
             x,
             y,
-            s=90,
+            s=160 if engine is None else 90,
+            marker=shapes[engine],
             zorder=3,
             linewidths=1.8,
             edgecolors=colour[model.label],
@@ -244,6 +251,9 @@ def accuracy_vs_macs(models: list[Model], path: Path) -> Path:
     )
     ax.set_xlim(left, right)
     ax.set_ylim(bottom, top)
+    for engine, shape in shapes.items():
+        name = "baseline" if engine is None else f"pruned by {engine}"
+        ax.scatter([], [], s=90, marker=shape, color="0.4", label=name)
     ax.scatter([], [], s=90, color="0.4", label="on the front")
     ax.scatter(
         [], [], s=90, facecolors="white", edgecolors="0.4", linewidths=1.8, label="dominated"

@@ -16,7 +16,7 @@ matplotlib.use("Agg")  # files only; no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 
 from pipeline.files import atomic_path  # noqa: E402
-from pipeline.report.compare import pareto_front, sparsity_text  # noqa: E402
+from pipeline.report.compare import criterion, engine_name, pareto_front, sparsity_text  # noqa: E402
 from pipeline.sweeps.outcomes import JobOutcome, swept
 
 SUMMARY_FILE = "summary.md"
@@ -25,6 +25,8 @@ COLUMNS = [
     "job",
     "overrides",
     "pruner",
+    "engine",
+    "criterion",
     "sparsity",
     "accuracy",
     "change (pts, 95 % CI)",
@@ -70,13 +72,15 @@ def summary_rows(outcomes: list[JobOutcome]) -> list[list[str]]:
     if measured:
         base = measured[0].record["baseline"]
         accuracy, params, macs, size = _model_cells(base)
-        rows.append(["-", "baseline", "-", "0", accuracy, "", params, macs, size, "1", "", "", ""])
+        rows.append(
+            ["-", "baseline", "-", "-", "-", "0", accuracy, "", params, macs, size, "1", "", "", ""]
+        )
     for outcome in outcomes:
         record = outcome.record
         overrides = swept(outcome, outcomes)
         if record is None:
             reason = outcome.status + (f": {outcome.error}" if outcome.error else "")
-            rows.append([outcome.number, overrides, *[""] * 9, reason, ""])
+            rows.append([outcome.number, overrides, *[""] * 11, reason, ""])
             continue
         config = record["config"]
         accuracy, params, macs, size = _model_cells(record["pruned"])
@@ -86,6 +90,8 @@ def summary_rows(outcomes: list[JobOutcome]) -> list[list[str]]:
                 outcome.number,
                 overrides,
                 pruner,
+                engine_name(record),
+                criterion(record),
                 sparsity_text(record),
                 accuracy,
                 _change(record),

@@ -6,7 +6,14 @@ import math
 import statistics
 
 from pipeline.measure.uncertainty import mcnemar_exact
-from pipeline.report.compare import Model, pareto_front, pruner_name, sparsity_text
+from pipeline.report.compare import (
+    Model,
+    criterion,
+    engine_name,
+    pareto_front,
+    pruner_name,
+    sparsity_text,
+)
 from pipeline.report.console import accuracy_cell, latency_cell
 from pipeline.report.document import Cell, Strong, Table
 
@@ -26,7 +33,7 @@ def results_table(models: list[Model]) -> Table:
         figures = model.figures
         if model.is_baseline:
             change = latency_change = reduction = "—"
-            pruner = sparsity = "—"
+            pruner = engine = ranking = sparsity = "—"
         else:
             record = model.record
             change = accuracy_cell(record["accuracy_change"])
@@ -34,10 +41,13 @@ def results_table(models: list[Model]) -> Table:
             latency_change = latency_cell(record["latency_ratio"])
             reduction = f"{record['reduction_pct']['size_bytes']:.1f} %"
             pruner, sparsity = pruner_name(model.runs[0]), sparsity_text(record)
+            engine, ranking = engine_name(record), criterion(record)
         rows.append(
             [
                 model.label,
                 pruner,
+                engine,
+                ranking,
                 sparsity,
                 f"{100 * figures['accuracy']:.2f} %",
                 change,
@@ -70,6 +80,8 @@ def results_table(models: list[Model]) -> Table:
         header=[
             "model",
             "pruner",
+            "engine",
+            "criterion",
             "sparsity",
             "top-1",
             "Δ top-1, pts [95 % CI] (McNemar p)",

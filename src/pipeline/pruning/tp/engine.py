@@ -38,7 +38,14 @@ log = logging.getLogger(__name__)
 # training_steps batches) or activations (forward passes); the others read the weights alone.
 GRADIENT_IMPORTANCES = ("GroupTaylorImportance", "TaylorImportance")
 ACTIVATION_IMPORTANCES = ("ActivationImportance",)
-EVERY_IMPORTANCE = ("importance", "global_pruning", "isomorphic", "ignored_layers", "prune_heads")
+EVERY_IMPORTANCE = (
+    "importance",
+    "global_pruning",
+    "isomorphic",
+    "ignored_layers",
+    "submodules",
+    "prune_heads",
+)
 
 
 def importance_kind(target: str) -> str:
@@ -92,6 +99,12 @@ class TorchPruningEngine:
                 "ranking allocates the sparsity across layers itself); allowed: "
                 "pruner.sparsity_scale=[] or pruner.global_pruning=false"
             )
+        if settings.global_pruning and settings.submodules:
+            raise ConfigError(
+                "pruner.submodules is not allowed with pruner.global_pruning=true (each "
+                "submodule is a graph of its own, ranked apart from the others); allowed: "
+                "pruner.submodules=[] or pruner.global_pruning=false"
+            )
         arguments = settings.importance or {}
         accepted = inspect.signature(get_class(settings._target_)).parameters
         unknown = sorted(set(arguments) - set(accepted))
@@ -127,26 +140,32 @@ class TorchPruningEngine:
         model.eval()  # tracing and ranking see the network as it infers
         masks: Masks = {}
         try:
-            pruner = tp.pruner.BasePruner(
-                model,
-                example,
-                importance,
-                global_pruning=bool(settings.global_pruning),
-                isomorphic=bool(settings.isomorphic),
-                pruning_ratio=plan.total,
-                pruning_ratio_dict=plan.per_layer or None,
-                ignored_layers=plan.ignored,
-                round_to=plan.round_to,
-                num_heads=heads,
-                prune_num_heads=bool(settings.prune_heads),
-                prune_head_dims=not settings.prune_heads,
-                head_pruning_ratio=plan.total if settings.prune_heads else 0.0,
-            )
+            graphs = pruning_graphs(model, plan, settings.submodules or [], example)
+            pruners = [
+                tp.pruner.BasePruner(
+                    graph.module,
+                    graph.example,
+                    importance,
+                    global_pruning=bool(settings.global_pruning),
+                    isomorphic=bool(settings.isomorphic),
+                    pruning_ratio=graph.plan.total,
+                    pruning_ratio_dict=graph.plan.per_layer or None,
+                    ignored_layers=graph.plan.ignored,
+                    round_to=graph.plan.round_to,
+                    num_heads=heads,
+                    prune_num_heads=bool(settings.prune_heads),
+                    prune_head_dims=not settings.prune_heads,
+                    head_pruning_ratio=graph.plan.total if settings.prune_heads else 0.0,
+                )
+                for graph in graphs
+            ]
             with ranking_statistics(importance, model, settings, inputs):
-                for group in pruner.step(interactive=True):
-                    _record(group, names, shapes, masks)
-                    group.prune()
-        except (ConfigError, EmptyLayerError):
+                for graph, pruner in zip(graphs, pruners, strict=True):
+                    for group in pruner.step(interactive=True):
+                        _record(group, names, shapes, masks)
+                        group.prune()
+                    graph.check_output()
+        except (ConfigError, EmptyLayerError, UnsupportedModelError):
             raise
         except Exception as error:
             raise unsupported(error) from error
@@ -227,6 +246,93 @@ def ratio_plan(model: nn.Module, config_list: list[dict], settings: PrunerSettin
         for name, count in keep.items()
     }
     return RatioPlan(0.0, per_layer, ignored, None)
+
+
+@dataclass
+class Graph:
+    """One graph Torch-Pruning prunes: the whole model, or one of pruner.submodules with the
+    input it is called with (for tracing) and the shape of its output (which must stay)."""
+
+    module: nn.Module
+    example: torch.Tensor | tuple
+    plan: RatioPlan
+    name: str = ""
+    output_shape: tuple[int, ...] | None = None
+
+    def check_output(self) -> None:
+        if self.output_shape is None:
+            return
+        with torch.no_grad():
+            shape = _shape(self.module(*_as_args(self.example)))
+        if shape != self.output_shape:
+            raise UnsupportedModelError(
+                f"pruner.submodules: pruning {self.name!r} changed its output from "
+                f"{self.output_shape} to {shape}; allowed values: submodules whose outputs "
+                f"come from their last layer alone (an MLP, a branch), not through a residual"
+            )
+
+
+def pruning_graphs(
+    model: nn.Module, plan: RatioPlan, patterns: list[str], example: torch.Tensor
+) -> list[Graph]:
+    """The whole model as one graph, or, with `patterns`, every outermost submodule whose name
+    matches one, with its last layer (whose outputs leave it) among the ignored ones: only the
+    widths inside it are pruned, so the rest of the model need not be traced."""
+    if not patterns:
+        return [Graph(model, example, plan)]
+    modules = dict(model.named_modules())
+    matched = [n for n in modules if n and any(fnmatchcase(n, p) for p in patterns)]
+    matched = [n for n in matched if not any(n.startswith(f"{o}.") for o in matched)]
+    if not matched:
+        raise ConfigError(
+            f"pruner.submodules: {patterns} match no submodule; allowed values: patterns over "
+            f"the submodule names, e.g. {next(n for n in modules if n)!r}"
+        )
+    calls: dict[str, tuple] = {}
+
+    def keep_call(name: str):
+        def hook(module, args, output) -> None:
+            calls.setdefault(name, (args, _shape(output)))
+
+        return hook
+
+    handles = [modules[n].register_forward_hook(keep_call(n)) for n in matched]
+    try:
+        with torch.no_grad():
+            model(example)
+    finally:
+        for handle in handles:
+            handle.remove()
+    graphs = []
+    for name in matched:
+        submodule = modules[name]
+        inside = set(submodule.modules())
+        layers = [m for m in submodule.modules() if _out_width(m) is not None]
+        if name not in calls or len(layers) < 2:  # unused, or no width of its own to prune
+            continue
+        args, output_shape = calls[name]
+        part = RatioPlan(
+            plan.total,
+            {m: ratio for m, ratio in plan.per_layer.items() if m in inside},
+            [m for m in plan.ignored if m in inside] + [layers[-1]],
+            plan.round_to,
+        )
+        example_args = args[0] if len(args) == 1 else args
+        graphs.append(Graph(submodule, example_args, part, name, output_shape))
+    if not graphs:
+        raise ConfigError(
+            f"pruner.submodules: none of {matched[:3]} is called with two or more layers of "
+            f"its own; allowed values: patterns of submodules with a free width inside"
+        )
+    return graphs
+
+
+def _as_args(example: torch.Tensor | tuple) -> tuple:
+    return example if isinstance(example, tuple) else (example,)
+
+
+def _shape(output) -> tuple[int, ...] | None:
+    return tuple(output.shape) if isinstance(output, torch.Tensor) else None
 
 
 @contextlib.contextmanager
