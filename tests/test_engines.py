@@ -197,3 +197,67 @@ def test_submodules_that_match_nothing_are_refused_in_one_line(tiny):
     ).pruner
     with pytest.raises(ConfigError, match=r"pruner.submodules: \['\*.mlp'\] match no submodule"):
         prune_in_steps(mobilenet_v2(10), shufflenet_inputs(), settings, 0.3)
+
+
+SMALL_VIT = {"_target_": "torchvision.models.vision_transformer.VisionTransformer",
+             "image_size": 32, "patch_size": 8, "num_layers": 2, "num_heads": 4,
+             "hidden_dim": 64, "mlp_dim": 128, "num_classes": 10}  # fmt: skip
+
+
+def test_a_vision_transformer_loses_width_and_reloads_without_either_engine(tiny, tmp_path):
+    """Torch-Pruning narrows a torchvision ViT's residual width with every head (its class
+    token, position embedding, attention projections and hidden_dim follow), to a multiple of
+    the head count; the saved model reloads where neither engine can be imported."""
+    from pipeline.errors import UnsupportedModelError
+    from pipeline.models.pruned import save_pruned
+    from pipeline.models.zoo import build_from_config
+    from pipeline.pruning.steps import prune_in_steps
+
+    torch.manual_seed(0)
+    settings = tiny("pruner=tp_magnitude", "pruner.iterations=1").pruner
+    vit = build_from_config(SMALL_VIT, ["torchvision."])
+    small = prune_in_steps(vit, shufflenet_inputs(), settings, 0.3).model.eval()
+    attention = small.encoder.layers[0].self_attention
+    assert small.hidden_dim == small.conv_proj.out_channels == attention.embed_dim < 64
+    assert attention.embed_dim % 4 == 0 and attention.num_heads == 4
+    assert small.class_token.shape[-1] == small.encoder.pos_embedding.shape[-1] == small.hidden_dim
+    directory = tmp_path / "vit"
+    save_pruned(small, SMALL_VIT, directory, ["torchvision."])
+    images = torch.randn(3, 3, 32, 32)
+    torch.save(images, tmp_path / "images.pt")
+    with torch.no_grad():
+        expected = small(images)
+    script = RELOAD_WITHOUT_ENGINES.replace('trusted=["timm."]', 'trusted=["torchvision."]')
+    subprocess.run(
+        [sys.executable, "-c", script, str(directory), str(tmp_path / "images.pt"),
+         str(tmp_path / "scores.pt")],
+        check=True,
+    )  # fmt: skip
+    assert torch.equal(torch.load(tmp_path / "scores.pt", weights_only=True), expected)
+
+    # torch's nn.MultiheadAttention keeps its heads in Torch-Pruning 1.6: said, not ignored.
+    heads = tiny("pruner=tp_magnitude", "pruner.iterations=1", "pruner.prune_heads=true").pruner
+    vit = build_from_config(SMALL_VIT, ["torchvision."])
+    with pytest.raises(UnsupportedModelError, match="removed no attention head"):
+        prune_in_steps(vit, shufflenet_inputs(), heads, 0.3)
+
+
+def test_a_model_narrowed_into_one_that_does_not_run_is_said_in_one_line(tiny):
+    """timm's attention reshapes to its input's width, which Torch-Pruning cannot see: the
+    whole-graph run is refused in one line that names pruner.submodules, which then works."""
+    pytest.importorskip("timm")
+    from pipeline.errors import UnsupportedModelError
+    from pipeline.models.zoo import build_from_config
+    from pipeline.pruning.steps import prune_in_steps
+
+    config = {"_target_": "timm.create_model", "model_name": "vit_tiny_patch16_224",
+              "num_classes": 10, "pretrained": False, "img_size": 32}  # fmt: skip
+    whole = tiny("pruner=tp_magnitude", "pruner.iterations=1").pruner
+    with pytest.raises(UnsupportedModelError, match=r"no longer runs.*pruner.submodules"):
+        prune_in_steps(build_from_config(config, ["timm."]), shufflenet_inputs(), whole, 0.3)
+    mlps = tiny("pruner=tp_magnitude", "pruner.iterations=1", "pruner.submodules=['*.mlp']")
+    small = prune_in_steps(
+        build_from_config(config, ["timm."]), shufflenet_inputs(), mlps.pruner, 0.3
+    ).model
+    assert small.blocks[0].mlp.fc1.out_features < 768
+    assert small.blocks[0].attn.qkv.out_features == 576

@@ -1,9 +1,12 @@
 """Save and load pruned models without NNI and without unpickling code.
 
 A pruned model is the original architecture with some Conv2d / BatchNorm2d / Linear layers
-replaced by narrower ones. We store the weights as safetensors and, in JSON, the builder that
-makes the original architecture plus the shape of every such layer; loading rebuilds the
-original, swaps in layers of the recorded shapes and loads the weights strictly.
+replaced by narrower ones, and other modules whose own tensors or integer widths shrank with
+them (a ViT's class token and hidden_dim, an attention's input projection and head_dim). We
+store the weights as safetensors and, in JSON, the builder that makes the original
+architecture plus the shape of every such layer and the new shapes and widths of those
+modules; loading rebuilds the original, swaps in layers of the recorded shapes, resizes the
+others and loads the weights strictly.
 """
 
 from __future__ import annotations
@@ -79,6 +82,9 @@ LAYER_SHAPES = {
     "LayerNorm": _layernorm,
     "ChannelScale": _channel_scale,
 }
+# Any other module whose own tensors (a class token, a position embedding, an attention's
+# input projection) or integer widths pruning changed: their new shapes and values.
+OWN_TENSORS = "OwnTensors"
 LAYER_TYPES = {
     "Conv2d": nn.Conv2d,
     "Linear": nn.Linear,
@@ -114,12 +120,59 @@ def describe(
             )
         if kind is not None:
             layers[name] = {"type": kind, **LAYER_SHAPES[kind](module)}
-        elif _own_shapes(module) != _own_shapes(original):
+            continue
+        own, before = _own_shapes(module), _own_shapes(original)
+        if set(own) != set(before):
             raise TypeError(
                 f"cannot describe layer {name!r} of type {type(module).__name__}: pruning "
-                f"changed its tensors' shapes"
+                f"added or removed its tensors"
             )
+        shapes = {key: list(shape) for key, shape in own.items() if shape != before[key]}
+        widths = {
+            key: value
+            for key, value in _int_attributes(module).items()
+            if _int_attributes(original).get(key, value) != value
+        }
+        if shapes or widths:
+            layers[name] = {"type": OWN_TENSORS, "shapes": shapes, "attributes": widths}
     return {"format": FORMAT_VERSION, "model": model_config, "layers": layers}
+
+
+def _narrower(original: nn.Module, layer: type, spec: dict[str, Any]) -> nn.Module:
+    """A `layer` of the recorded shape in place of `original`. A subclass (torchvision's
+    LayerNorm2d, timm's LayerNorm) keeps its own forward and settings: the base class makes
+    the tensors, since a subclass's constructor may take other arguments."""
+    narrower = layer(**spec)
+    if type(original) is not layer and isinstance(original, layer):
+        settings = {k: v for k, v in vars(original).items() if k not in vars(narrower)}
+        narrower.__class__ = type(original)
+        narrower.__dict__.update(settings)
+    return narrower
+
+
+def _int_attributes(module: nn.Module) -> dict[str, int]:
+    """The integers a module computes with besides its tensors' shapes: an attention's
+    embed_dim, head_dim and num_heads, a ViT's hidden_dim."""
+    return {k: v for k, v in vars(module).items() if type(v) is int and not k.startswith("_")}
+
+
+def _resize_own(module: nn.Module, spec: dict[str, Any]) -> None:
+    """Give a rebuilt module the tensor shapes and integer widths describe() recorded: its
+    tensors are placeholders until the saved weights are loaded into them (strictly)."""
+    for key, shape in spec["shapes"].items():
+        if key in module._parameters:
+            old = module._parameters[key]
+            module._parameters[key] = nn.Parameter(
+                torch.empty(shape, dtype=old.dtype), requires_grad=old.requires_grad
+            )
+        elif key in module._buffers:
+            module._buffers[key] = torch.empty(shape, dtype=module._buffers[key].dtype)
+        else:
+            raise ValueError(f"{type(module).__name__} has no tensor {key!r}")
+    for key, value in spec["attributes"].items():
+        if not isinstance(value, int) or key not in _int_attributes(module):
+            raise ValueError(f"{type(module).__name__} has no integer attribute {key!r}")
+        setattr(module, key, value)
 
 
 def _own_shapes(module: nn.Module) -> dict[str, tuple[int, ...]]:
@@ -162,14 +215,14 @@ def load_pruned(
         model = build_from_config(record["model"], trusted)
         for name, spec in record["layers"].items():
             spec = dict(spec)
+            if spec["type"] == OWN_TENSORS:
+                _resize_own(model.get_submodule(name), spec)
+                continue
             layer = LAYER_TYPES[spec.pop("type")]
-            original = model.get_submodule(name)
-            if isinstance(original, layer):
-                layer = type(original)  # a subclass such as LayerNorm2d keeps its forward
             for key in ("kernel_size", "stride", "padding", "dilation", "normalized_shape"):
                 if isinstance(spec.get(key), list):
                     spec[key] = tuple(spec[key])
-            model.set_submodule(name, layer(**spec))
+            model.set_submodule(name, _narrower(model.get_submodule(name), layer, spec))
         state = load_file(directory / WEIGHTS_FILE)
         # Modules that version their state (torchvision's MNASNet) read the version from the
         # state dict's metadata, which safetensors does not hold: the rebuilt model's is theirs.

@@ -14,12 +14,16 @@ allocates the sparsity across layers itself, rounding with pruner.round_to.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import logging
+import math
+import statistics
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
+from importlib.metadata import version
 
 import torch
 from hydra.utils import get_class
@@ -134,7 +138,14 @@ class TorchPruningEngine:
         plan = ratio_plan(model, config_list, settings)
         names = {module: name for name, module in model.named_modules()}
         shapes = {name: _out_width(module) for name, module in model.named_modules()}
-        heads = {m: m.num_heads for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+        # Torch-Pruning narrows an nn.MultiheadAttention's heads only without its head count,
+        # with the residual width it shares (a torchvision ViT's hidden_dim).
+        heads = attention_heads(model, multihead=bool(settings.prune_heads))
+        if not settings.prune_heads:
+            plan = heads_divide_widths(model, plan)
+        head_ratio = plan.total or (
+            statistics.median(plan.per_layer.values()) if plan.per_layer else 0.0
+        )
         example = torch.rand(1, *inputs.input_shape, device=inputs.device)
         was_training = model.training
         model.eval()  # tracing and ranking see the network as it infers
@@ -155,7 +166,7 @@ class TorchPruningEngine:
                     num_heads=heads,
                     prune_num_heads=bool(settings.prune_heads),
                     prune_head_dims=not settings.prune_heads,
-                    head_pruning_ratio=graph.plan.total if settings.prune_heads else 0.0,
+                    head_pruning_ratio=head_ratio if settings.prune_heads else 0.0,
                 )
                 for graph in graphs
             ]
@@ -165,6 +176,7 @@ class TorchPruningEngine:
                         _record(group, names, shapes, masks)
                         group.prune()
                     graph.check_output()
+            follow_heads(model, heads, pruners, bool(settings.prune_heads), head_ratio)
         except (ConfigError, EmptyLayerError, UnsupportedModelError):
             raise
         except Exception as error:
@@ -176,6 +188,7 @@ class TorchPruningEngine:
                 if hasattr(module, "_importance"):
                     del module._importance
         _fix_hidden_dim(model)
+        still_runs(model, example)
         return masks, None
 
     def narrow(
@@ -191,9 +204,84 @@ class TorchPruningEngine:
         return model
 
 
+def attention_heads(model: nn.Module, multihead: bool) -> dict[nn.Module, int]:
+    """Torch-Pruning's num_heads: each attention's heads, keyed by the layer that makes its
+    queries, keys and values: the `qkv` linear layer of an attention block that holds
+    `num_heads` (timm's, and most hand-written ViTs), and with `multihead` torch's
+    nn.MultiheadAttention itself."""
+    heads: dict[nn.Module, int] = {}
+    for module in model.modules():
+        if isinstance(module, nn.MultiheadAttention) and multihead:
+            heads[module] = module.num_heads
+        elif isinstance(getattr(module, "qkv", None), nn.Linear) and isinstance(
+            getattr(module, "num_heads", None), int
+        ):
+            heads[module.qkv] = module.num_heads
+    return heads
+
+
+def heads_divide_widths(model: nn.Module, plan: RatioPlan) -> RatioPlan:
+    """Narrowing every head of an nn.MultiheadAttention narrows the width it shares with the
+    residual stream, which its heads must still divide: widths are rounded to a multiple of
+    every attention's head count (Torch-Pruning's own ViT setting) and of pruner.round_to."""
+    counts = [m.num_heads for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
+    if not counts:
+        return plan
+    return dataclasses.replace(plan, round_to=math.lcm(plan.round_to or 1, *counts))
+
+
+def follow_heads(
+    model: nn.Module,
+    heads: dict[nn.Module, int],
+    pruners: list,
+    prune_heads: bool,
+    ratio: float,
+) -> None:
+    """Attention blocks that hold their head count and width (timm's) compute with them:
+    after their qkv layer is narrowed they must follow it. With pruner.prune_heads, a run
+    that removed no head is refused rather than let the option pass unnoticed."""
+    left = {m: n for p in pruners for m, n in p.num_heads.items() if m in heads}
+    if prune_heads and all(left.get(m, n) == n for m, n in heads.items()):
+        counts = sorted(set(heads.values()))
+        raise UnsupportedModelError(
+            f"pruner.prune_heads=true: Torch-Pruning removed no attention head of this model "
+            f"({len(heads)} attention layers of {counts} heads, head ratio {ratio:.3g}; "
+            f"torch's nn.MultiheadAttention keeps its heads); allowed values: "
+            f"pruner.prune_heads=false, which narrows every head instead"
+        )
+    for module in model.modules():
+        qkv = getattr(module, "qkv", None)
+        if qkv in heads and not isinstance(module, nn.MultiheadAttention):
+            module.num_heads = left.get(qkv, heads[qkv])
+            if isinstance(getattr(module, "head_dim", None), int):
+                module.head_dim = qkv.out_features // (3 * module.num_heads)
+
+
+def still_runs(model: nn.Module, example: torch.Tensor) -> None:
+    """Torch-Pruning narrows what its graph shows; a forward that computes with a width of
+    its own (timm's attention reshapes to its input's width) breaks only when it runs.
+    Said in one line here, before any later stage runs the model."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(example)
+    except Exception as error:
+        raise UnsupportedModelError(
+            f"Torch-Pruning {version('torch-pruning')} narrowed this model into one that no "
+            f"longer runs ({type(error).__name__}: {first_line(error)}); allowed values: "
+            f"pruner.submodules=[...] naming the blocks whose inner widths are free, e.g. "
+            f"['*.mlp'] for a transformer's MLPs"
+        ) from error
+    finally:
+        model.train(was_training)
+
+
 def quiet_torch_pruning() -> None:
     # Said of every group whose layers carry no weight to rank (a pooling, a flatten).
     warnings.filterwarnings("ignore", message="Layer .* does not have _importance")
+    # Said of a ViT's class token and position embedding, whose last dimension it rightly prunes.
+    warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
 
 
 def _out_width(module: nn.Module) -> int | None:
@@ -397,8 +485,6 @@ def _fix_hidden_dim(model: nn.Module) -> None:
 
 def unsupported(error: BaseException) -> UnsupportedModelError:
     """One line for a model Torch-Pruning cannot take: what it said."""
-    from importlib.metadata import version
-
     return UnsupportedModelError(
         f"Torch-Pruning {version('torch-pruning')} cannot prune this model "
         f"({type(error).__name__}: {first_line(error)})"
