@@ -460,18 +460,27 @@ def engine_of(pruner: str) -> str:
 
 
 def best(rows: dict[str, dict], pruners: list[str]) -> str | None:
-    """The passing pruner that removed the most compute (lowest MACs ratio); within half a
-    point of MACs, the one whose latency ratio is lower."""
+    """The passing pruner that removed the most compute (lowest MACs ratio, by more than half
+    a point); at equal MACs the faster one where the latency intervals do not overlap, else
+    "tie". None where none passed."""
     passing = [p for p in pruners if rows.get(p, {}).get("status") == "pass"]
     if not passing:
         return None
 
-    def key(pruner: str) -> tuple[float, float]:
-        record = rows[pruner]
-        macs = round(record["pruned_macs"] / record["macs"] / 0.005)
-        return macs, (record.get("latency") or {}).get("ratio", float("inf"))
+    def macs(pruner: str) -> float:
+        return rows[pruner]["pruned_macs"] / rows[pruner]["macs"]
 
-    return min(passing, key=key)
+    least = min(macs(p) for p in passing)
+    level = [p for p in passing if macs(p) - least <= 0.005]
+    if len(level) == 1:
+        return level[0]
+    latencies = {p: rows[p].get("latency") for p in level}
+    if any(value is None for value in latencies.values()):
+        return "tie"
+    fastest = min(level, key=lambda p: latencies[p]["ratio"])
+    others = [latencies[p] for p in level if p != fastest]
+    apart = all(latencies[fastest]["ci_high"] < other["ci_low"] for other in others)
+    return fastest if apart else "tie"
 
 
 def narrowed_layers(record: dict, results: Path) -> str:
@@ -481,6 +490,7 @@ def narrowed_layers(record: dict, results: Path) -> str:
     import re
 
     import torch
+    from torch import nn
 
     from pipeline.models.zoo import build_from_config
 
@@ -498,7 +508,8 @@ def narrowed_layers(record: dict, results: Path) -> str:
             build_from_config(model_config(record["model"], record["size"])).named_modules()
         )
     widths = {"Conv2d": "out_channels", "Linear": "out_features"}
-    total = sum(1 for m in reference.values() if type(m).__name__ in widths) - 1  # not the head
+    layer_types = (nn.Conv2d, nn.Linear)  # subclasses too (an attention's out_proj)
+    total = sum(1 for m in reference.values() if isinstance(m, layer_types)) - 1  # not the head
     narrowed = [
         name
         for name, spec in layers.items()
@@ -551,7 +562,8 @@ def table(
         "(numbers starred). Where Torch-Pruning cannot trace or group the whole graph it "
         f"prunes only the widths free inside submodules ({free}: `pruner.submodules`); the "
         "MACs ratio shows how much that removed. Best engine: the passing one that removed "
-        "the most MACs (within half a point, the faster one).",
+        "the most MACs (by more than half a point); at equal MACs the faster one where the "
+        "latency intervals do not overlap, else a tie.",
         "",
         "Passing end to end: "
         + ", ".join(f"**{counts[p]} of {total}** with `{p}` ({engines[p]})" for p in pruners)
@@ -578,7 +590,10 @@ def table(
                 record["pruned"] = narrowed_layers(record, results)
             cells += _cells(record)
         winner = best(rows, pruners)
-        cells.append(f"{engines[winner]} (`{winner}`)" if winner else "none")
+        cells.append(
+            "none" if winner is None else "tie" if winner == "tie" else
+            f"{engines[winner]} (`{winner}`)"
+        )  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     for pruner in pruners:
         failures = [r for r in records if r["status"] != "pass" and r["pruner"] == pruner]

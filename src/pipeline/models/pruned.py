@@ -140,14 +140,21 @@ def describe(
 
 def _narrower(original: nn.Module, layer: type, spec: dict[str, Any]) -> nn.Module:
     """A `layer` of the recorded shape in place of `original`. A subclass (torchvision's
-    LayerNorm2d, timm's LayerNorm) keeps its own forward and settings: the base class makes
-    the tensors, since a subclass's constructor may take other arguments."""
-    narrower = layer(**spec)
-    if type(original) is not layer and isinstance(original, layer):
+    LayerNorm2d, timm's BatchNormAct2d) keeps its own forward and settings; one whose
+    constructor takes other arguments (timm's LayerNorm) gets the base class's tensors and
+    its own attributes and children."""
+    if not isinstance(original, layer):
+        return layer(**spec)
+    try:
+        return type(original)(**spec)
+    except TypeError:  # another constructor: the base class's tensors, the subclass's rest
+        narrower = layer(**spec)
         settings = {k: v for k, v in vars(original).items() if k not in vars(narrower)}
+        children = {k: v for k, v in original._modules.items() if k not in narrower._modules}
         narrower.__class__ = type(original)
         narrower.__dict__.update(settings)
-    return narrower
+        narrower._modules.update(children)
+        return narrower
 
 
 def _int_attributes(module: nn.Module) -> dict[str, int]:

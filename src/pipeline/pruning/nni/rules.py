@@ -215,5 +215,7 @@ def unsupported(step: str, error: BaseException) -> UnsupportedModelError:
     where = f" at {operation}" if operation else ""
     return UnsupportedModelError(
         f"NNI 2.10.1's {step} cannot take this model{where} ({reason}); allowed: the other "
-        f"engine, Torch-Pruning, which traces models its own way: pruner=tp_magnitude"
+        f"engine, Torch-Pruning, which traces models its own way: pruner=tp_magnitude (for "
+        f"Swin and ShuffleNetV2 with pruner.submodules=['*.mlp'] or ['*.branch2'], the widths "
+        f"free inside their blocks: docs/models.md)"
     )
