@@ -95,8 +95,8 @@ def prune_digits_model(settings: RunSettings, sparsity: float, seed: int = 0, mo
 
 
 def run_cli(*args: str, cwd: Path, timeout: int = 600, **popen) -> subprocess.CompletedProcess:
-    """Run `python -m pipeline` as a user would, in `cwd`."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    """Run `python -m pipeline` as a user would, in `cwd`; `env` adds to the environment."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **popen.pop("env", {})}
     return subprocess.run(
         [sys.executable, "-m", "pipeline", *args],
         cwd=cwd,

@@ -43,3 +43,27 @@ class UnsupportedModelError(PipelineError):
 class EmptyLayerError(PipelineError):
     """A sparsity that leaves a layer without a channel: too much (the budget search's probes
     count it as past the target)."""
+
+
+class DivergedError(PipelineError):
+    """The training loss became NaN or infinite: the stage stops instead of training on."""
+
+
+class OutOfMemoryError(PipelineError):
+    """A stage ran out of GPU or host memory at the batch size in force."""
+
+
+class DiskFullError(PipelineError, OSError):
+    """A write found no space left on its device; the half-written file was removed."""
+
+
+class BadImageError(PipelineError):
+    """An image file that cannot be read (truncated, corrupt, not an image)."""
+
+    def __init__(self, message: str) -> None:
+        # Raised in a DataLoader worker, it comes back re-raised with the worker's traceback
+        # folded into its message: keep only the line this class was raised with.
+        marker = f"{type(self).__name__}: "
+        if "Original Traceback" in message and marker in message:
+            message = message.rsplit(marker, 1)[1].strip().splitlines()[0]
+        super().__init__(message)

@@ -8,18 +8,20 @@ import logging
 from pathlib import Path
 
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from pipeline.config.identity import config_identity
 from pipeline.config.schema import RunSettings, asked_budget, plain
 from pipeline.data.datasets import DataSplits, StageInputs, make_loaders
-from pipeline.errors import UnsupportedModelError
+from pipeline.errors import PipelineError, UnsupportedModelError
 from pipeline.files import atomic_path, write_json
 from pipeline.models.baseline_cache import baseline_cache_path
 from pipeline.models.pruned import export_onnx, save_pruned
 from pipeline.models.stats import count_params
 from pipeline.models.zoo import build_from_config
+from pipeline.out_of_memory import guarded_stages
 from pipeline.pruning.budget import BudgetSearch, sparsity_for_budget
 from pipeline.pruning.budget import achieved as budget_achieved
 from pipeline.pruning.engine import engine_for
@@ -67,7 +69,10 @@ def run(settings: RunSettings, run_dir: Path, tracker: Tracker | None = None) ->
     on_cuda = settings.pruner.pruning_on_cuda and torch.cuda.is_available()
     prune_device = torch.device("cuda") if on_cuda else torch.device("cpu")
 
-    splits: DataSplits = instantiate(settings.dataset)
+    splits: DataSplits = build_dataset(settings.dataset)
+    skipped = splits.bad_files.as_dict() if splits.bad_files and splits.bad_files.count else None
+    if skipped is not None:  # dataset.bad_files=skip left images out: the run says so
+        tracker.set_tags({"data.bad_files_skipped": str(skipped["count"])})
     criterion = instantiate(settings.criterion)
 
     baseline_inputs = stage_inputs(
@@ -83,8 +88,10 @@ def run(settings: RunSettings, run_dir: Path, tracker: Tracker | None = None) ->
     test_loader = finetune_inputs.loaders.test
 
     with StageMonitor(settings.tracking.sample_interval_s, tracker) as monitor:
+        # Each stage timed, and its out-of-memory errors said in one line with the batch size.
+        stage = guarded_stages(monitor.stage, settings)
         # 1. baseline
-        with monitor.stage("baseline"):
+        with stage("baseline"):
             seed_stage(settings.seed, "baseline")
             base = baseline(
                 build_from_config(settings.model, trusted=[settings.model["_target_"]]),
@@ -100,7 +107,7 @@ def run(settings: RunSettings, run_dir: Path, tracker: Tracker | None = None) ->
         seed_stage(settings.seed, "prune")
         sparsity, search, pruner = settings.sparsity, None, settings.pruner
         if asked_budget(settings.budget) is not None:
-            with monitor.stage("prune"):  # the search prunes too
+            with stage("prune"):  # the search prunes too
                 search = sparsity_for_budget(
                     base.model, prune_inputs, pruner, settings.budget, settings.measure
                 )
@@ -114,9 +121,7 @@ def run(settings: RunSettings, run_dir: Path, tracker: Tracker | None = None) ->
         steps, masks_by_step, config_list = [], [], []
         for index in range(1, pruner.iterations + 1):
             try:
-                step = prune_step(
-                    current, prune_inputs, pruner, sparsity, index, tied, monitor.stage
-                )
+                step = prune_step(current, prune_inputs, pruner, sparsity, index, tied, stage)
             except UnsupportedModelError as error:
                 raise UnsupportedModelError(f"{model_label(settings.model)}: {error}") from error
             current, tied, config_list = step.model, step.tied, step.config_list
@@ -131,7 +136,7 @@ def run(settings: RunSettings, run_dir: Path, tracker: Tracker | None = None) ->
                 }
             )
             if between_epochs and index < pruner.iterations:
-                with monitor.stage("finetune"):
+                with stage("finetune"):
                     seed_stage(settings.seed, f"finetune/step{index}")
                     tuned = finetune(
                         current,
@@ -145,7 +150,7 @@ def run(settings: RunSettings, run_dir: Path, tracker: Tracker | None = None) ->
         save_masks(masks_by_step, run_dir / "masks.safetensors")
 
         # 4. finetune
-        with monitor.stage("finetune"):
+        with stage("finetune"):
             seed_stage(settings.seed, "finetune")
             tuned = finetune(
                 current,
@@ -162,7 +167,7 @@ def run(settings: RunSettings, run_dir: Path, tracker: Tracker | None = None) ->
             )
 
         # 5. measure
-        with monitor.stage("measure"):
+        with stage("measure"):
             seed_stage(settings.seed, "measure")
             measurements = measure(
                 base.model,
@@ -198,6 +203,7 @@ def run(settings: RunSettings, run_dir: Path, tracker: Tracker | None = None) ->
         "stages": monitor.stage_seconds,
         "resources": monitor.stage_summaries,
         "baseline_source": base.source,
+        "bad_files_skipped": skipped,
         "baseline_history": base.history,
         "baseline_convergence": base.convergence.as_dict() if base.convergence else None,
         "finetune_history": tuned.history,
@@ -212,6 +218,17 @@ def run(settings: RunSettings, run_dir: Path, tracker: Tracker | None = None) ->
     log_finished_run(tracker, record, monitor, run_dir)
     print(summary_table(record))
     return record
+
+
+def build_dataset(node) -> DataSplits:
+    """The dataset's splits; a builder's own one-line error (a bad image, a missing file)
+    comes through as itself, not inside Hydra's InstantiationException."""
+    try:
+        return instantiate(node)
+    except InstantiationException as error:
+        if isinstance(error.__cause__, PipelineError):
+            raise error.__cause__ from None
+        raise
 
 
 def model_label(model_settings) -> str:

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from pipeline.data.augment import FlipAndShift
+from pipeline.data.image_files import BadFiles, rgb_image, screen
 from pipeline.data.layout import FASHION_MNIST_FILES, check_imagefolder, missing_fashion_mnist_files
 from pipeline.errors import ConfigError, DataUnavailableError
 
@@ -33,6 +33,7 @@ class DataSplits:
     test: Dataset
     num_classes: int
     input_shape: tuple[int, int, int]  # (channels, height, width) of one image
+    bad_files: BadFiles | None = None  # image files left out (dataset.bad_files=skip)
 
 
 @dataclass
@@ -168,8 +169,7 @@ class ImageList(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int):
-        with Image.open(self.paths[index]) as image:
-            return self.transform(image.convert("RGB")), self.labels[index]
+        return self.transform(rgb_image(self.paths[index])), self.labels[index]
 
 
 def digits(
@@ -374,14 +374,24 @@ def imagefolder(
     val_fraction: float,
     test_fraction: float,
     seed: int,
+    bad_files: str = "fail",
+    verify: str = "header",
 ) -> DataSplits:
-    """Any torchvision ImageFolder tree (root/<class>/<image>), split stratified from the seed."""
+    """Any torchvision ImageFolder tree (root/<class>/<image>), split stratified from the seed.
+    Every file is checked before training (pipeline.data.image_files): an unreadable one stops
+    the run (bad_files=fail) or is left out of every split (skip)."""
     from torchvision.datasets import ImageFolder
 
     check_imagefolder({"root": root, "num_classes": num_classes})
     train_tf, eval_tf = _image_transforms(image_size)
-    train_view = ImageFolder(root, transform=train_tf)
-    eval_view = ImageFolder(root, transform=eval_tf)
+    train_view = ImageFolder(root, transform=train_tf, loader=rgb_image)
+    eval_view = ImageFolder(root, transform=eval_tf, loader=rgb_image)
+    keep, skipped = screen([path for path, _ in train_view.samples], bad_files, verify)
+    if len(keep) < len(train_view.samples):
+        for view in (train_view, eval_view):
+            view.samples = [view.samples[i] for i in keep]
+            view.imgs = view.samples
+            view.targets = [view.targets[i] for i in keep]
     train, val, test = stratified_indices(train_view.targets, val_fraction, test_fraction, seed)
     return DataSplits(
         Subset(train_view, train),
@@ -389,4 +399,5 @@ def imagefolder(
         Subset(eval_view, test),
         num_classes,
         (3, image_size, image_size),
+        skipped,
     )

@@ -46,6 +46,9 @@ def class_count(root: str) -> int:
 
 
 def check_imagefolder(dataset: dict[str, Any]) -> None:
+    from pipeline.data.image_files import check_choices
+
+    check_choices(dataset.get("bad_files", "fail"), dataset.get("verify", "header"))
     classes = class_folders(dataset["root"])
     if dataset.get("num_classes") != len(classes):
         raise ConfigError(

@@ -40,7 +40,8 @@ def baseline_cache_path(settings: RunSettings) -> Path | None:
 
 def save_weights(state_dict: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     tensors = {name: t.detach().cpu().contiguous() for name, t in state_dict.items()}
-    with atomic_path(path) as staging:
+    size = sum(t.numel() * t.element_size() for t in tensors.values())
+    with atomic_path(path, size_hint=size) as staging:
         save_file(tensors, staging, metadata=metadata)
 
 

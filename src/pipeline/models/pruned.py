@@ -201,7 +201,8 @@ def save_pruned(
         config["weights"] = "none"  # the saved tensors hold them
     record = describe(model, config, trusted)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    with atomic_path(directory, directory=True) as staging:
+    size = sum(t.numel() * t.element_size() for t in tensors.values())
+    with atomic_path(directory, directory=True, size_hint=size) as staging:
         save_file(tensors, staging / WEIGHTS_FILE, metadata={"format": str(FORMAT_VERSION)})
         (staging / ARCHITECTURE_FILE).write_text(json.dumps(record, indent=2))
     return directory

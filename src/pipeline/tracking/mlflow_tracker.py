@@ -12,6 +12,8 @@ import json
 import logging
 import os
 import socket
+import sys
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -22,6 +24,15 @@ from omegaconf import DictConfig, OmegaConf
 from pipeline.errors import one_line
 from pipeline.measure.resources import Sample
 from pipeline.tracking.environment import alive, environment_tags, process_tags
+from pipeline.tracking.outbox import (
+    OUTBOX_FILE,
+    Outbox,
+    kept_elsewhere,
+    send,
+    sync_folder,
+    unreachable,
+    wait_before_retry,
+)
 from pipeline.tracking.store import is_local, tracking_uri
 from pipeline.tracking.tracker import NullTracker, Tracker
 
@@ -136,15 +147,21 @@ def finished_run_record(tracking: Any, output_root: str | Path, identity: str):
 
 class MlflowTracker:
     """One MLflow run: started before the config is checked, so that bad input and crashes
-    leave a FAILED run; ended FINISHED, FAILED or KILLED by tracked_run."""
+    leave a FAILED run; ended FINISHED, FAILED or KILLED by tracked_run. With a tracking
+    server, what cannot reach it goes to the run folder's outbox (pipeline.tracking.outbox) and
+    the run goes on."""
 
     def __init__(self, settings: Mapping[str, Any], output_root: str | Path) -> None:
         self.settings = dict(settings)
         self.output_root = Path(output_root)
         self.run_id: str | None = None
+        self.uri: str | None = None
         self._client = None
         self._sample_step = 0
         self._log_file: Path | None = None
+        self._outbox: Outbox | None = None
+        self._failed_at: float | None = None
+        self._lock = threading.RLock()  # the resource sampler logs from its own thread
 
     def start(self, params: dict[str, str], run_name: str | None, log_file: Path | None) -> None:
         import mlflow
@@ -154,9 +171,18 @@ class MlflowTracker:
 
         self._log_file = log_file
         uri = tracking_uri(self.settings.get("uri"), self.output_root)
+        self.uri = uri
+        remote = not is_local(uri)
+        if remote:
+            # MLflow retries a request 7 times with a doubling back-off (minutes of waiting per
+            # call while a server is down); the outbox keeps the data instead, and retries.
+            for name, value in HTTP_RETRIES.items():
+                os.environ.setdefault(name, value)
         mlflow.set_tracking_uri(uri)
         self._client = MlflowClient(uri)
         exp_id = experiment_id(self._client, self.settings["experiment"], self.output_root)
+        if remote:  # first: a run whose status waits in an outbox is not a dead one
+            send_kept_elsewhere(self.output_root, uri)
         close_dead_runs(self._client, exp_id)
         tags = environment_tags() | process_tags()
         parent = os.environ.get(PARENT_RUN_ENV)
@@ -170,66 +196,155 @@ class MlflowTracker:
             experiment_id=exp_id, run_name=run_name, tags=tags, log_system_metrics=system_metrics
         )
         self.run_id = run.info.run_id
+        if remote and log_file is not None:
+            self._outbox = Outbox(
+                Path(log_file).parent / OUTBOX_FILE,
+                {"uri": uri, "run_id": self.run_id, "process": process_tags()},
+            )
         self.log_params(params)
 
     def finish(self, status: str = "FINISHED", error: BaseException | None = None) -> None:
         if self.run_id is None:
             return
         import mlflow
+        from mlflow.tracking import fluent
 
         if error is not None:
-            self._client.set_tag(self.run_id, "error", one_line(error))
+            self._do({"op": "batch", "tags": [["error", one_line(error)]]})
         if self._log_file is not None:
             with contextlib.suppress(Exception):  # a missing log must not hide the run's status
                 self.log_artifact(self._log_file)
-        mlflow.end_run(status=status)
+        self._do({"op": "terminate", "status": status, "end_time": int(time.time() * 1000)})
+        # MLflow's own end of the run: its system-metrics thread stops, its active run is
+        # cleared. Its request for the status repeats ours, and may fail while the server is
+        # down: the outbox holds the status then.
+        monitors = getattr(fluent, "run_id_to_system_metrics_monitor", {})
+        monitor = monitors.pop(self.run_id, None)
+        if monitor is not None:
+            with contextlib.suppress(Exception):
+                monitor.finish()
+        with contextlib.suppress(Exception):
+            mlflow.end_run(status=status)
+        self._last_try()
         self.run_id = None
 
-    def log_params(self, params: dict[str, str]) -> None:
-        from mlflow.entities import Param
+    def _last_try(self) -> None:
+        """One more try to send what was kept; else one line saying where it waits."""
+        if self._outbox is None or not self._outbox.path.exists():
+            return
+        self._failed_at = None
+        with contextlib.suppress(Exception):
+            self._flush_kept()
+        left = len(self._outbox.pending())
+        if left:
+            folder = self._outbox.path.parent
+            print(
+                f"tracking: {self.uri} did not answer; {left} operations of run {self.run_id} "
+                f"are kept in {self._outbox.path}: python -m pipeline.sync {folder} sends them "
+                f"(so does the next run's start on this host)",
+                file=sys.stderr,
+                flush=True,
+            )
 
-        items = [Param(k, v) for k, v in params.items()]
+    def _flush_kept(self) -> None:
+        sent = self._outbox.flush(self._client, self.run_id)
+        log.warning(
+            "tracking: %s answers again; sent the %d operations kept meanwhile", self.uri, sent
+        )
+
+    def _do(self, op: dict[str, Any]) -> None:
+        """Send one operation now; while the server does not answer, keep it (after whatever
+        was kept before it, so the server gets everything in order)."""
+        with self._lock:
+            outbox = self._outbox
+            if outbox is not None and outbox.path.exists():
+                if wait_before_retry(self._failed_at):
+                    outbox.add(op)
+                    return
+                try:
+                    self._flush_kept()
+                except Exception as error:
+                    if not unreachable(error):
+                        raise
+                    self._failed_at = time.monotonic()
+                    outbox.add(op)
+                    return
+            try:
+                send(self._client, self.run_id, op)
+            except Exception as error:
+                if outbox is None or not unreachable(error):
+                    raise
+                self._failed_at = time.monotonic()
+                outbox.add(op)
+                log.warning(
+                    "tracking: %s is not answering; the run goes on and keeps what it logs in %s "
+                    "until it does",
+                    self.uri,
+                    outbox.path,
+                )
+
+    def log_params(self, params: dict[str, str]) -> None:
+        items = [[k, v] for k, v in params.items()]
         for start in range(0, len(items), 100):  # MLflow takes at most 100 params a batch
-            self._client.log_batch(self.run_id, params=items[start : start + 100])
+            self._do({"op": "batch", "params": items[start : start + 100]})
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        for key, value in tags.items():
-            self._client.set_tag(self.run_id, key, value)
+        if tags:
+            self._do({"op": "batch", "tags": [[k, str(v)] for k, v in tags.items()]})
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        from mlflow.entities import Metric
-
         now = int(time.time() * 1000)
         batch = [
-            Metric(key, float(value), now, step or 0)
+            [key, float(value), now, step or 0]
             for key, value in metrics.items()
             if value is not None
         ]
         for start in range(0, len(batch), 1000):
-            self._client.log_batch(self.run_id, metrics=batch[start : start + 1000])
+            self._do({"op": "batch", "metrics": batch[start : start + 1000]})
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         if not Path(path).exists():
             return
-        if Path(path).is_dir():
-            self._client.log_artifacts(self.run_id, str(path), artifact_path)
-        else:
-            self._client.log_artifact(self.run_id, str(path), artifact_path)
+        self._do(
+            {"op": "artifact", "path": str(Path(path).resolve()), "artifact_path": artifact_path}
+        )
 
     def log_sample(self, sample: Sample) -> None:
-        from mlflow.entities import Metric
-
         stamp = int(sample.time * 1000)
         step = self._sample_step
         self._sample_step += 1
         # NVML readings feed the stage summaries only: MLflow's system metrics chart them already.
         metrics = [
-            Metric(f"resource.{key}", value, stamp, step)
+            [f"resource.{key}", value, stamp, step]
             for key, value in sample.values.items()
             if not key.startswith("gpu_")
         ]
         with contextlib.suppress(Exception):  # a lost sample must never stop a run
-            self._client.log_batch(self.run_id, metrics=metrics, synchronous=False)
+            if self._outbox is not None:  # a server: kept while it does not answer
+                self._do({"op": "batch", "metrics": metrics})
+                return
+            from mlflow.entities import Metric
+
+            batch = [Metric(*values) for values in metrics]
+            self._client.log_batch(self.run_id, metrics=batch, synchronous=False)
+
+
+# Per request: 2 retries, 1 s then 2 s apart, 20 s to answer (the user's own settings win).
+HTTP_RETRIES = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
+}
+
+
+def send_kept_elsewhere(output_root: Path, uri: str) -> None:
+    """Send the outboxes that ended runs of this host left for this server: one line each."""
+    for folder in kept_elsewhere(output_root, uri):
+        try:
+            line = sync_folder(folder, uri)
+        except Exception as error:  # a broken outbox must not stop the new run
+            line = f"sync: {folder}: {one_line(error)}"
+        print(line, file=sys.stderr, flush=True)
 
 
 @contextlib.contextmanager

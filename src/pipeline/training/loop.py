@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from pipeline.config.schema import TrainingSettings
 from pipeline.data.datasets import Loaders
+from pipeline.errors import DivergedError
 
 log = logging.getLogger(__name__)
 
@@ -109,15 +110,26 @@ def train_steps(
     layout: torch.memory_format = torch.contiguous_format,
     average: torch.optim.swa_utils.AveragedModel | None = None,
     max_grad_norm: float | None = None,
+    epoch: int = 1,
+    stage: str | None = None,
+    hint: str = "lower finetune.lr",
 ) -> float:
     """One pass over the loader; returns the mean training loss. `average`, where given, is
-    updated after every optimizer step; `max_grad_norm` clips the gradients before it."""
+    updated after every optimizer step; `max_grad_norm` clips the gradients before it.
+    A NaN or infinite loss stops the pass with DivergedError, one line naming `stage` (`desc`
+    unless given), `epoch`, the step and the learning rate, ending with `hint`."""
     model.train()
     if distillation is not None:
         distillation.teacher.eval()
-    total_loss, seen = 0.0, 0
+    # Kept on the device and read every CHECK_EVERY steps: a .item() per step would wait for
+    # the GPU at each one. A non-finite loss makes the running sum non-finite, and first_bad
+    # remembers its step.
+    total_loss = torch.zeros((), device=device, dtype=torch.float64)
+    first_bad = torch.full((), -1, device=device, dtype=torch.long)
+    seen = 0
     bar = _progress(loader, desc)
-    for images, labels in bar:
+    step = 0
+    for step, (images, labels) in enumerate(bar, 1):
         images, labels = _on(images, device, layout), labels.to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
         logits = model(images)
@@ -131,10 +143,38 @@ def train_steps(
         optimizer.step()
         if average is not None:
             average.update_parameters(model)
-        total_loss += loss.item() * len(labels)
+        loss = loss.detach()
+        first_bad = torch.where(
+            (first_bad < 0) & ~torch.isfinite(loss), torch.full_like(first_bad, step), first_bad
+        )
+        total_loss += loss.double() * len(labels)
         seen += len(labels)
-        bar.set_postfix(loss=f"{total_loss / seen:.4f}")
-    return total_loss / max(seen, 1)
+        if step % CHECK_EVERY == 0:
+            mean = _checked(total_loss, first_bad, optimizer, stage or desc, epoch, hint) / seen
+            bar.set_postfix(loss=f"{mean:.4f}")
+    return _checked(total_loss, first_bad, optimizer, stage or desc, epoch, hint) / max(seen, 1)
+
+
+CHECK_EVERY = 20  # training steps between two looks at the loss (one GPU sync each)
+
+
+def _checked(
+    total: torch.Tensor,
+    first_bad: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    stage: str,
+    epoch: int,
+    hint: str,
+) -> float:
+    """The running loss sum as a float, or DivergedError when a step's loss was not finite."""
+    value = total.item()
+    if math.isfinite(value):
+        return value
+    lr = optimizer.param_groups[0]["lr"]
+    raise DivergedError(
+        f"{stage}: the training loss became {value} at epoch {epoch}, step {int(first_bad)} "
+        f"(learning rate {lr:g}), so the stage stopped and kept nothing; {hint}"
+    )
 
 
 @torch.no_grad()
@@ -296,6 +336,9 @@ def fit(
             layout,
             average,
             settings.max_grad_norm,
+            epoch=epoch,
+            stage=desc,
+            hint=f"lower {desc}.lr or set {desc}.max_grad_norm",
         )
         if scheduler is not None:
             scheduler.step()

@@ -122,11 +122,21 @@ def nni_training_func(loader: Iterable, device: torch.device) -> Callable:
         optimizer = optimizers[0] if isinstance(optimizers, (list, tuple)) else optimizers
         if max_steps is None:
             for _ in range(max_epochs or 1):
-                train_steps(model, loader, criterion, optimizer, device, desc="prune stats")
+                train_steps(
+                    model,
+                    loader,
+                    criterion,
+                    optimizer,
+                    device,
+                    desc="prune stats",
+                    hint="lower pruner.lr",
+                )
             return
         # A short loader is cycled until max_steps batches have run.
         batches = cycled_batches(loader, max_steps)
-        train_steps(model, batches, criterion, optimizer, device, desc="prune stats")
+        train_steps(
+            model, batches, criterion, optimizer, device, desc="prune stats", hint="lower pruner.lr"
+        )
 
     return training_func
 
