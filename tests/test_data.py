@@ -58,6 +58,15 @@ def test_training_order_is_shuffled_by_the_seed_and_evaluation_order_is_kept():
     assert order(loaders.test) == list(range(12))
 
 
+def test_a_last_training_batch_of_one_image_is_left_out_and_no_other():
+    # BatchNorm cannot train on a batch of one; evaluation has no such limit.
+    lone = make_loaders(numbered_splits(train=17, val=17, test=1), batch_size=8, seed=1)
+    assert [len(labels) for _, labels in lone.train] == [8, 8]
+    assert [len(labels) for _, labels in lone.val] == [8, 8, 1]
+    two = make_loaders(numbered_splits(train=18, val=2, test=2), batch_size=8, seed=1)
+    assert [len(labels) for _, labels in two.train] == [8, 8, 2]
+
+
 def test_max_batches_caps_every_pass_of_every_loader():
     splits = numbered_splits(train=64, val=20, test=6)
     loaders = make_loaders(splits, batch_size=4, seed=1, max_batches=3)

@@ -81,8 +81,11 @@ def make_loaders(
     `max_batches`, each yields at most that many batches per pass."""
     generator = torch.Generator().manual_seed(seed)
     common = {"batch_size": batch_size, "num_workers": num_workers}
+    # A last training batch of one image stops BatchNorm ("Expected more than 1 value per
+    # channel when training"): that one image sits the epoch out (a different one each epoch).
+    lone = len(splits.train) % batch_size == 1 and len(splits.train) > 1
     loaders = [
-        DataLoader(splits.train, shuffle=True, generator=generator, drop_last=False, **common),
+        DataLoader(splits.train, shuffle=True, generator=generator, drop_last=lone, **common),
         DataLoader(splits.val, shuffle=False, **common),
         DataLoader(splits.test, shuffle=False, **common),
     ]
