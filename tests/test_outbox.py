@@ -135,3 +135,29 @@ def test_a_server_that_answers_no_is_an_error_not_an_outage(tracker, tmp_path):
 )
 def test_which_errors_are_an_outage(message, outage):
     assert unreachable(MlflowException(message)) is outage
+
+
+def test_a_new_run_finds_the_outboxes_that_ended_runs_of_this_host_left(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    from pipeline.tracking.environment import process_tags
+    from pipeline.tracking.outbox import kept_elsewhere
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    dead = {"process.host": socket.gethostname(), "process.pid": str(gone.pid)}
+    dead["process.started"] = "0.00"
+    uri = "http://127.0.0.1:5000"
+    folders = {
+        "ended": {"uri": uri, "process": dead},
+        "running": {"uri": uri, "process": process_tags()},  # this very process
+        "other_server": {"uri": "http://elsewhere:5000", "process": dead},
+        "other_host": {"uri": uri, "process": {**dead, "process.host": "another-machine"}},
+    }
+    for name, head in folders.items():
+        folder = tmp_path / "runs" / "2026-12-06" / name
+        folder.mkdir(parents=True)
+        Outbox(folder / OUTBOX_FILE, head | {"run_id": name}).add({"op": "batch", "tags": []})
+    assert kept_elsewhere(tmp_path, uri) == [tmp_path / "runs" / "2026-12-06" / "ended"]
