@@ -17,6 +17,11 @@ def test_reference_command_completes_and_prints_the_summary(tmp_path):
     (measurements,) = (tmp_path / "runs").glob("*/*/measurements.json")
     record = json.loads(measurements.read_text())
     assert record["config"]["sparsity"] == 0.15
+    # The last line says where to see the run: MLflow's runs view, and the run's page.
+    last = result.stdout.strip().splitlines()[-1]
+    store = f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    assert last.startswith(f"MLflow: mlflow ui --backend-store-uri {store}, then http://")
+    assert "?workflowType=machine_learning (this run: http://127.0.0.1:5000/#/experiments/" in last
 
 
 def test_bad_value_exits_non_zero_with_one_line(tmp_path):

@@ -72,8 +72,16 @@ def test_a_rerun_sweep_runs_only_what_did_not_finish_and_force_runs_all(tmp_path
 
     again = run_cli(*args, cwd=ROOT)
     assert again.returncode == 0, again.stderr[-3000:]
-    skipped = [line for line in again.stdout.splitlines() if line.startswith("skipped:")]
+    lines = again.stdout.splitlines()
+    skipped = [line for line in lines if line.startswith("skipped:")]
     assert len(skipped) == 1 and "finetune.epochs=1 " in skipped[0], skipped
+    # Before the skip line: what the earlier run found, and where its MLflow run is.
+    at = lines.index(skipped[0])
+    assert (
+        lines[at - 1].startswith("MLflow: run ")
+        and "mlflow ui --backend-store-uri" in lines[at - 1]
+    )
+    assert any(line.startswith(" accuracy (top-1)") for line in lines[:at])
     sweep_dir = sorted(output_root.glob("sweeps/*/*"))[-1]
     summary = (sweep_dir / "summary.md").read_text()
     assert "| 0 | finetune.epochs=1 |" in summary and "| skipped |" in summary
@@ -125,10 +133,25 @@ def test_without_tracking_finished_runs_are_found_in_the_output_folder(tmp_path)
     settings = settings_from(compose(["tracking=none", f"paths.output_root={tmp_path}"]))
     identity = config_identity(settings)
     assert finished_before(settings, identity) is None
-    write_json({"config_identity": "another"}, tmp_path / "runs" / "a" / "measurements.json")
-    write_json({"config_identity": identity}, tmp_path / "sweeps" / "b" / "1" / "measurements.json")
+    for folder, record_identity in [("runs/a", "another"), ("sweeps/b/1", identity)]:
+        (tmp_path / folder / ".hydra").mkdir(parents=True)
+        write_json({"config_identity": record_identity}, tmp_path / folder / "measurements.json")
+    # MLflow's copy of a run's files (no .hydra/ beside it) is not a run folder.
+    copy = tmp_path / "mlartifacts" / "1" / "abc" / "artifacts" / "measurements.json"
+    write_json({"config_identity": identity}, copy)
+    os.utime(copy, (time.time() + 60, time.time() + 60))  # newest: found first if it counted
     found = finished_before(settings, identity)
     assert found is not None and found.where.endswith("b/1/measurements.json")
+
+
+def test_a_skipped_run_shows_what_it_found_or_says_why_it_cannot():
+    from pipeline.cli import earlier_summary
+    from pipeline.sweeps.resume import Finished
+
+    address = "run abc: mlflow ui --backend-store-uri sqlite:///x.db, then #/experiments/1/runs/abc"
+    shown = earlier_summary(Finished(fake_record(0.1, 0.94, 6e6), "abc", address))
+    assert shown.startswith("(its summary cannot be shown: KeyError: ")  # an older record
+    assert shown.endswith(f"\nMLflow: {address}")
 
 
 def fake_record(sparsity: float, accuracy: float, macs: float) -> dict:

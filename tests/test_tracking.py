@@ -254,3 +254,16 @@ def test_logged_params_hold_choices_as_typed_not_enum_names():
     params = flatten(_resolved_or_raw(compose(["device=cpu", "pruner.mode=normal"])))
     assert (params["device"], params["pruner.mode"]) == ("cpu", "normal")
     assert params["measure.runtime"] == "eager"
+
+
+def test_the_closing_line_opens_the_runs_view_and_the_run():
+    from pipeline.tracking.mlflow_tracker import ui_line
+
+    assert ui_line("http://host:5000/", "3", "abc") == (
+        "MLflow: http://host:5000/#/experiments/3?workflowType=machine_learning "
+        "(this run: http://host:5000/#/experiments/3/runs/abc)"
+    )
+    assert ui_line("sqlite:////o/mlflow.db", "1") == (
+        "MLflow: mlflow ui --backend-store-uri sqlite:////o/mlflow.db, then "
+        "http://127.0.0.1:5000/#/experiments/1?workflowType=machine_learning"
+    )

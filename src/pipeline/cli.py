@@ -60,6 +60,7 @@ def job(cfg: DictConfig) -> float | list[float] | None:
         earlier = finished_before(settings, identity)
     if earlier is not None:
         what = " ".join(hydra_cfg.overrides.task) or "this run"
+        print(earlier_summary(earlier))
         print(f"skipped: {what} finished before ({earlier.where}); force=true runs it again")
         write_json(earlier.record, run_dir / RECORD_FILE)  # for the sweep's summary and report
         write_job_outcome(run_dir, "skipped", earlier=earlier.where)
@@ -87,7 +88,22 @@ def job(cfg: DictConfig) -> float | list[float] | None:
             sys.exit(2)
         raise
     write_job_outcome(run_dir, "finished")
+    if getattr(tracker, "closing_line", None):
+        print(tracker.closing_line)
     return objective(record, settings)
+
+
+def earlier_summary(earlier) -> str:
+    """What the earlier run found: its summary table and where its MLflow run is."""
+    from pipeline.report import summary_table
+
+    try:
+        text = summary_table(earlier.record)
+    except (KeyError, TypeError, ValueError) as error:  # a record of an older layout
+        text = f"(its summary cannot be shown: {one_line(error)})"
+    if earlier.address:
+        text += f"\nMLflow: {earlier.address}"
+    return text
 
 
 def _traceback_to_log_file(error: BaseException) -> None:

@@ -23,6 +23,7 @@ from pipeline.tracking.mlflow_tracker import (
     PARENT_RUN_ENV,
     experiment_id,
     quiet_mlflow,
+    ui_line,
 )
 from pipeline.tracking.store import tracking_uri
 
@@ -42,7 +43,8 @@ class SweepParentRun(Callback):
         from mlflow import MlflowClient
 
         quiet_mlflow()
-        client = MlflowClient(tracking_uri(tracking.get("uri"), config.paths.output_root))
+        uri = tracking_uri(tracking.get("uri"), config.paths.output_root)
+        client = MlflowClient(uri)
         exp_id = experiment_id(client, tracking["experiment"], config.paths.output_root)
         overrides = list(config.hydra.overrides.task)
         run = client.create_run(
@@ -55,6 +57,7 @@ class SweepParentRun(Callback):
         client.log_param(run.info.run_id, "sweep.overrides", " ".join(overrides)[:MAX_PARAM_LENGTH])
         os.environ[PARENT_RUN_ENV] = run.info.run_id
         self._client = client
+        self._ui_line = ui_line(uri, exp_id, run.info.run_id)
         # A job error aborts Hydra's sweep before on_multirun_end: never leave the parent RUNNING.
         atexit.register(self._close)
 
@@ -77,6 +80,8 @@ class SweepParentRun(Callback):
                 if report is not None:
                     self._client.log_artifacts(run_id, str(report), "report")
         self._close()
+        if getattr(self, "_ui_line", None):  # the runs view, and the sweep's parent run
+            print(self._ui_line)
         failed = [o for o in self._outcomes if o.failed]
         if failed:
             print(f"{len(failed)} of {len(self._outcomes)} jobs failed:", file=sys.stderr)

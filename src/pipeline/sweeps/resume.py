@@ -18,11 +18,13 @@ class Finished:
 
     record: dict
     where: str  # an MLflow run id or a measurements.json path
+    address: str | None = None  # where to open the MLflow run
 
 
 def finished_before(settings: RunSettings, identity: str) -> Finished | None:
     """The latest FINISHED run with this identity: in the tracking store when tracking is on,
-    else among the measurements.json files under paths.output_root."""
+    else among the measurements.json files of the run folders under paths.output_root (the
+    folders Hydra made, with their .hydra/; not MLflow's copies of the files)."""
     if settings.tracking.enabled:
         found = finished_run_record(settings.tracking, settings.paths.output_root, identity)
         return Finished(*found) if found else None
@@ -36,6 +38,6 @@ def finished_before(settings: RunSettings, identity: str) -> Finished | None:
             record = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        if record.get("config_identity") == identity:
+        if record.get("config_identity") == identity and (path.parent / ".hydra").is_dir():
             return Finished(record, str(path))
     return None

@@ -111,10 +111,33 @@ def quiet_mlflow() -> None:
     logging.getLogger("mlflow").setLevel(logging.WARNING)
 
 
+UI_PORT = 5000  # where `mlflow ui` serves unless told otherwise
+
+
+def ui_line(uri: str, experiment: str, run_id: str | None = None) -> str:
+    """Where a person opens the experiment in MLflow's runs view (MLflow 3 otherwise opens on
+    its GenAI overview) and, with `run_id`, the run's own page. For a local store, the command
+    that serves it first."""
+    view = f"#/experiments/{experiment}?workflowType=machine_learning"
+    page = f"#/experiments/{experiment}/runs/{run_id}" if run_id else None
+    if is_local(uri):
+        base = f"http://127.0.0.1:{UI_PORT}"
+        start = f"mlflow ui --backend-store-uri {uri}, then "
+    else:
+        base, start = uri.rstrip("/"), ""
+    line = f"MLflow: {start}{base}/{view}"
+    return f"{line} (this run: {base}/{page})" if page else line
+
+
+def run_address(uri: str, experiment: str, run_id: str) -> str:
+    """The run's page (after the command that serves a local store)."""
+    return ui_line(uri, experiment, run_id).removeprefix("MLflow: ")
+
+
 def finished_run_record(tracking: Any, output_root: str | Path, identity: str):
-    """(measurements record, run id) of the latest FINISHED run whose settings had this identity
-    (pipeline.config.identity.config_identity), or None: how a re-run sweep skips the jobs
-    already done."""
+    """(measurements record, run id, run address) of the latest FINISHED run whose settings had
+    this identity (pipeline.config.identity.config_identity), or None: how a re-run sweep skips
+    the jobs already done."""
     import tempfile
 
     from mlflow import MlflowClient
@@ -123,7 +146,8 @@ def finished_run_record(tracking: Any, output_root: str | Path, identity: str):
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one file: no bar
 
-    client = MlflowClient(tracking_uri(tracking.uri, output_root))
+    uri = tracking_uri(tracking.uri, output_root)
+    client = MlflowClient(uri)
     experiment = client.get_experiment_by_name(tracking.experiment)
     if experiment is None:
         return None
@@ -142,7 +166,7 @@ def finished_run_record(tracking: Any, output_root: str | Path, identity: str):
             record = json.loads(Path(path).read_text())
         except Exception:  # artifacts deleted or unreachable: run the job again
             return None
-    return record, run_id
+    return record, run_id, run_address(uri, experiment.experiment_id, run_id)
 
 
 class MlflowTracker:
@@ -155,7 +179,9 @@ class MlflowTracker:
         self.settings = dict(settings)
         self.output_root = Path(output_root)
         self.run_id: str | None = None
+        self.experiment_id: str | None = None
         self.uri: str | None = None
+        self.closing_line: str | None = None  # where to open the run, once it has ended
         self._client = None
         self._sample_step = 0
         self._log_file: Path | None = None
@@ -181,6 +207,7 @@ class MlflowTracker:
         mlflow.set_tracking_uri(uri)
         self._client = MlflowClient(uri)
         exp_id = experiment_id(self._client, self.settings["experiment"], self.output_root)
+        self.experiment_id = exp_id
         if remote:  # first: a run whose status waits in an outbox is not a dead one
             send_kept_elsewhere(self.output_root, uri)
         close_dead_runs(self._client, exp_id)
@@ -226,6 +253,7 @@ class MlflowTracker:
         with contextlib.suppress(Exception):
             mlflow.end_run(status=status)
         self._last_try()
+        self.closing_line = ui_line(self.uri, self.experiment_id, self.run_id)
         self.run_id = None
 
     def _last_try(self) -> None:
