@@ -267,3 +267,25 @@ def test_the_closing_line_opens_the_runs_view_and_the_run():
         "MLflow: mlflow ui --backend-store-uri sqlite:////o/mlflow.db, then "
         "http://127.0.0.1:5000/#/experiments/1?workflowType=machine_learning"
     )
+
+
+def test_the_run_records_its_data_as_an_mlflow_dataset_input(tiny_config):
+    from pipeline.data.datasets import digits
+    from pipeline.tracking.dataset_input import dataset_record
+
+    cfg = tiny_config()
+    splits = digits(10, 32, 0.1, 0.2, seed=cfg.seed)
+    record = dataset_record(dict(cfg.dataset), splits)
+    with tracked_run(cfg, "data") as tracker:
+        tracker.log_dataset(record)
+        run_id = tracker.run_id
+    client = MlflowClient(store_uri(Path(cfg.paths.output_root).resolve()))
+    (logged,) = client.get_run(run_id).inputs.dataset_inputs
+    assert logged.dataset.name == "digits" and logged.dataset.digest == record["digest"]
+    assert json.loads(logged.dataset.profile) == {
+        "train": 1257, "val": 180, "test": 360, "num_classes": 10, "input_shape": [3, 32, 32],
+    }  # fmt: skip
+    assert json.loads(logged.dataset.source) == {"tags": {"builder": "pipeline.data.digits"}}
+    assert [t.value for t in logged.tags] == ["train/val/test"]
+    other = dataset_record(dict(tiny_config("seed=7").dataset), splits)
+    assert other["digest"] != record["digest"]  # another split seed is other data

@@ -33,6 +33,7 @@ from pipeline.stages.finetune import finetune, split_epochs
 from pipeline.stages.measure import measure, quality
 from pipeline.stages.prune import save_masks
 from pipeline.sweeps.outcomes import RECORD_FILE
+from pipeline.tracking.dataset_input import dataset_record
 from pipeline.tracking.monitor import StageMonitor
 from pipeline.tracking.tracker import NullTracker, Tracker
 from pipeline.training.loop import evaluate
@@ -70,6 +71,7 @@ def run(settings: RunSettings, run_dir: Path, tracker: Tracker | None = None) ->
     prune_device = torch.device("cuda") if on_cuda else torch.device("cpu")
 
     splits: DataSplits = build_dataset(settings.dataset)
+    tracker.log_dataset(dataset_record(dict(settings.dataset), splits))
     skipped = splits.bad_files.as_dict() if splits.bad_files and splits.bad_files.count else None
     if skipped is not None:  # dataset.bad_files=skip left images out: the run says so
         tracker.set_tags({"data.bad_files_skipped": str(skipped["count"])})

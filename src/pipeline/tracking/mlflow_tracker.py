@@ -330,6 +330,9 @@ class MlflowTracker:
         for start in range(0, len(batch), 1000):
             self._do({"op": "batch", "metrics": batch[start : start + 1000]})
 
+    def log_dataset(self, dataset: dict[str, Any]) -> None:
+        self._do({"op": "dataset", "dataset": dataset})
+
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         if not Path(path).exists():
             return

@@ -61,6 +61,10 @@ def send(client, run_id: str, op: dict[str, Any]) -> None:
             client.log_artifacts(run_id, str(path), op.get("artifact_path"))
         elif path.exists():
             client.log_artifact(run_id, str(path), op.get("artifact_path"))
+    elif kind == "dataset":
+        from pipeline.tracking.dataset_input import dataset_input
+
+        client.log_inputs(run_id, datasets=[dataset_input(op["dataset"])])
     elif kind == "terminate":
         client.set_terminated(run_id, op["status"], op["end_time"])
     else:

@@ -20,6 +20,8 @@ class Tracker(Protocol):
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
 
+    def log_dataset(self, dataset: dict) -> None: ...
+
     def log_sample(self, sample: Sample) -> None: ...
 
 
@@ -36,6 +38,9 @@ class NullTracker:
         pass
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def log_dataset(self, dataset: dict) -> None:
         pass
 
     def log_sample(self, sample: Sample) -> None:
