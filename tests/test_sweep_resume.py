@@ -77,10 +77,8 @@ def test_a_rerun_sweep_runs_only_what_did_not_finish_and_force_runs_all(tmp_path
     assert len(skipped) == 1 and "finetune.epochs=1 " in skipped[0], skipped
     # Before the skip line: what the earlier run found, and where its MLflow run is.
     at = lines.index(skipped[0])
-    assert (
-        lines[at - 1].startswith("MLflow: run ")
-        and "mlflow ui --backend-store-uri" in lines[at - 1]
-    )
+    assert lines[at - 1].startswith("MLflow: mlflow ui --backend-store-uri sqlite:///")
+    assert "?workflowType=machine_learning (this run: http://127.0.0.1:5000/#/" in lines[at - 1]
     assert any(line.startswith(" accuracy (top-1)") for line in lines[:at])
     sweep_dir = sorted(output_root.glob("sweeps/*/*"))[-1]
     summary = (sweep_dir / "summary.md").read_text()

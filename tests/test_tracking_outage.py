@@ -24,8 +24,8 @@ from test_tracking import free_port
 
 pytestmark = pytest.mark.slow
 
-# Fine-tuning long enough (about 40 s on 2 cores) to kill the server in the middle of it.
-LONG_FINETUNE = [*TINY, "pruner.iterations=1", "max_batches=4", "finetune.epochs=30"]
+# Fine-tuning long enough (about 50 s on 2 idle cores) to outlast a 20 s outage begun at its start.
+LONG_FINETUNE = [*TINY, "pruner.iterations=1", "max_batches=4", "finetune.epochs=120"]
 # Sampled every second: their count follows the run's length, not what it logged.
 SAMPLED = ("resource.", "system/")
 
