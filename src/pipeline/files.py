@@ -40,12 +40,13 @@ def atomic_path(
             shutil.rmtree(path)  # a folder cannot be renamed over a non-empty one
         os.replace(staging, path)
     except BaseException as error:
-        written = _size(staging)
+        full = is_disk_full(error) and not isinstance(error, DiskFullError)
+        written = _size(staging) if full else 0  # measured before the staging is removed
         if staging is not None and staging.is_dir():
             shutil.rmtree(staging, ignore_errors=True)
         elif staging is not None:
             staging.unlink(missing_ok=True)
-        if is_disk_full(error) and not isinstance(error, DiskFullError):
+        if full:
             raise DiskFullError(_disk_full_line(path, written, size_hint)) from None
         raise
 

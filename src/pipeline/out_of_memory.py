@@ -37,7 +37,7 @@ def is_out_of_memory(error: BaseException) -> bool:
 
 def _setting(settings: RunSettings, key: str):
     section, name = key.split(".")
-    return getattr(getattr(settings, "pruner" if section == "pruner" else section), name)
+    return getattr(getattr(settings, section), name)
 
 
 def out_of_memory_line(stage: str, settings: RunSettings, error: BaseException) -> str:

@@ -13,8 +13,7 @@ from pipeline.data.datasets import DataSplits
 def dataset_record(dataset: dict[str, Any], splits: DataSplits) -> dict[str, Any]:
     """Name, digest, source and profile (split sizes) of the run's data. The digest follows the
     dataset's settings and what they produced, so runs on the same data share it."""
-    settings = {k: v for k, v in dataset.items()}
-    target = str(settings.get("_target_", "dataset"))
+    target = str(dataset.get("_target_", "dataset"))
     profile = {
         "train": len(splits.train),
         "val": len(splits.val),
@@ -25,9 +24,9 @@ def dataset_record(dataset: dict[str, Any], splits: DataSplits) -> dict[str, Any
     if splits.bad_files is not None and splits.bad_files.count:
         profile["bad_files_skipped"] = splits.bad_files.count
     digest = hashlib.sha256(
-        json.dumps([settings, profile], sort_keys=True, default=str).encode()
+        json.dumps([dataset, profile], sort_keys=True, default=str).encode()
     ).hexdigest()[:8]
-    root = settings.get("root")
+    root = dataset.get("root")
     if root:
         source_type, source = "local", {"uri": str(root)}
     else:

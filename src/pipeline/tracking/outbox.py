@@ -17,7 +17,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -127,14 +127,12 @@ def pending(path: Path) -> list[tuple[int, dict[str, Any]]]:
     return [(number, op) for number, op in ops if number not in sent]
 
 
-def flush(path: Path, client, run_id: str, on_sent: Callable[[int], None] | None = None) -> int:
+def flush(path: Path, client, run_id: str) -> int:
     done = 0
     for number, op in pending(path):
         send(client, run_id, op)
         _append(path, [{"sent": number}])
         done += 1
-        if on_sent is not None:
-            on_sent(done)
     if path.exists() and not pending(path):
         path.unlink()
     return done

@@ -128,7 +128,6 @@ def train_steps(
     first_bad = torch.full((), -1, device=device, dtype=torch.long)
     seen = 0
     bar = _progress(loader, desc)
-    step = 0
     for step, (images, labels) in enumerate(bar, 1):
         images, labels = _on(images, device, layout), labels.to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
