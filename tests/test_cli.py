@@ -22,6 +22,7 @@ def test_reference_command_completes_and_prints_the_summary(tmp_path):
     store = f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
     assert last.startswith(f"MLflow: mlflow ui --backend-store-uri {store}, then http://")
     assert "?workflowType=machine_learning (this run: http://127.0.0.1:5000/#/experiments/" in last
+    assert "; model models:/m-" in last  # the pruned network, logged as an MLflow model
 
 
 def test_bad_value_exits_non_zero_with_one_line(tmp_path):

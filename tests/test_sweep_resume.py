@@ -79,6 +79,7 @@ def test_a_rerun_sweep_runs_only_what_did_not_finish_and_force_runs_all(tmp_path
     at = lines.index(skipped[0])
     assert lines[at - 1].startswith("MLflow: mlflow ui --backend-store-uri sqlite:///")
     assert "?workflowType=machine_learning (this run: http://127.0.0.1:5000/#/" in lines[at - 1]
+    assert "; model models:/m-" in lines[at - 1]  # and its MLflow model
     assert any(line.startswith(" accuracy (top-1)") for line in lines[:at])
     sweep_dir = sorted(output_root.glob("sweeps/*/*"))[-1]
     summary = (sweep_dir / "summary.md").read_text()

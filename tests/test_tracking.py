@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from pipeline.checks.settings import settings_from
 from pipeline.tracking.mlflow_tracker import tracked_run
 
 EXPERIMENT = "pruning"
+REGISTERED = "pruned-mobilenet"
 
 
 def store_uri(output_root: Path) -> str:
@@ -28,12 +30,21 @@ def store_uri(output_root: Path) -> str:
 
 @pytest.fixture(scope="module")
 def sweep_store(tmp_path_factory) -> Path:
-    """One tiny two-job sweep on the default store, shared by the tests that read it."""
+    """One tiny two-job sweep on the default store, shared by the tests that read it; its best
+    job's model is registered as pruned-mobilenet@champion. Its output is kept in stdout.txt."""
     output_root = tmp_path_factory.mktemp("sweep")
     result = run_cli(
-        "-m", "sparsity=0.05,0.15", *TINY, f"paths.output_root={output_root}", cwd=ROOT
+        "-m",
+        "sparsity=0.05,0.15",
+        *TINY,
+        f"paths.output_root={output_root}",
+        f"tracking.register_as={REGISTERED}",
+        "tracking.register=best",
+        "measure.onnx=true",  # an ONNX model beside each pyfunc one
+        cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    (output_root / "stdout.txt").write_text(result.stdout)
     return output_root
 
 
@@ -216,6 +227,134 @@ def test_experiment_page_lists_the_runs_in_a_browser(mlflow_server):
             button.click()
         for name in ("mean_rank sparsity=0.05", "mean_rank sparsity=0.15"):
             wait_for(lambda name=name: name in browser.page_source, name)
+
+
+@pytest.mark.slow
+def test_a_sweep_registers_its_best_job_and_its_parent_names_it(sweep_store):
+    client = MlflowClient(store_uri(sweep_store))
+    (version,) = client.search_model_versions(f"name='{REGISTERED}'")
+    assert client.get_model_version_by_alias(REGISTERED, "champion").version == version.version
+    experiment = client.get_experiment_by_name(EXPERIMENT).experiment_id
+    children = client.search_runs([experiment], "tags.mlflow.parentRunId != ''")
+    # The best by the sweep's objective (test accuracy); a tie goes to the first job.
+    order = sorted(children, key=lambda run: float(run.data.params["sparsity"]))
+    best = max(order, key=lambda run: run.data.metrics["pruned.accuracy"])
+    assert version.run_id == best.info.run_id
+    model_id = version.source.removeprefix("models:/")
+    assert client.get_logged_model(model_id).source_run_id == best.info.run_id
+    (parent,) = client.search_runs([experiment], "tags.sweep = 'true'")
+    assert parent.data.tags["best.run_id"] == best.info.run_id
+    assert parent.data.metrics["best.accuracy"] == best.data.metrics["pruned.accuracy"]
+    assert parent.data.metrics["best.macs_ratio"] == pytest.approx(best.data.metrics["macs_ratio"])
+    assert parent.data.metrics["best.latency_ratio"] == best.data.metrics["latency_ratio"]
+    assert [d.dataset.name for d in parent.inputs.dataset_inputs] == ["digits"]
+    printed = (sweep_store / "stdout.txt").read_text()
+    assert f"registered: models:/{REGISTERED}@champion is version 1 (job " in printed
+
+
+@pytest.mark.slow
+def test_the_champion_served_over_http_answers_like_the_loaded_model(sweep_store, monkeypatch):
+    """`mlflow models serve` as the README shows it: 4 images in, the in-process scores out."""
+    import numpy as np
+
+    from pipeline import load_logged_model
+    from pipeline.data.datasets import digits
+
+    uri = store_uri(sweep_store)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    splits = digits(10, 32, 0.1, 0.2, seed=1234)
+    images = np.stack([splits.test[i][0].numpy() for i in range(4)]).astype(np.float32)
+    expected = load_logged_model(f"models:/{REGISTERED}@champion").predict(images)
+    port = free_port()
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    server = subprocess.Popen(
+        [
+            sys.executable, "-m", "mlflow", "models", "serve",
+            "-m", f"models:/{REGISTERED}@champion", "--env-manager", "local",
+            "--host", "127.0.0.1", "-p", str(port),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_until_up(f"http://127.0.0.1:{port}/ping", server)
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations",
+            data=json.dumps({"inputs": {"images": images.tolist()}}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            scores = np.asarray(json.load(answer)["predictions"], dtype=np.float32)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert scores.shape == (4, 10)
+    np.testing.assert_allclose(scores, expected, rtol=0, atol=1e-5)
+
+
+def wait_until_up(url: str, process: subprocess.Popen, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as answer:
+                if answer.status == 200:
+                    return
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{url} did not answer") from None
+            time.sleep(0.5)
+
+
+@pytest.mark.slow
+@needs_chromium
+def test_the_printed_address_opens_runs_with_datasets_and_models_with_metrics(
+    sweep_store, mlflow_server, tmp_path
+):
+    """Screenshots of what a user lands on (kept in $PIPELINE_SCREENSHOTS when set)."""
+    from selenium.webdriver.common.by import By
+
+    folder = Path(os.environ.get("PIPELINE_SCREENSHOTS") or tmp_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    printed = (sweep_store / "stdout.txt").read_text().splitlines()
+    (line,) = [text for text in printed if text.startswith("MLflow: mlflow ui")][-1:]
+    view = line.split(", then ", 1)[1].split(" ", 1)[0]
+    assert view.endswith("?workflowType=machine_learning")
+    view = view.replace("http://127.0.0.1:5000", mlflow_server)
+    experiment = view.split("#/experiments/", 1)[1].split("?", 1)[0]
+    with headless_browser(1900, 1000) as browser:
+        browser.get(view)
+        wait_for(lambda: "sweep " in browser.page_source, "the sweep's parent run")
+        for button in browser.find_elements(
+            By.CSS_SELECTOR, "button[data-component-id*='runnamecellrenderer']"
+        ):
+            button.click()
+        wait_for(lambda: "mean_rank sparsity=0.15" in browser.page_source, "the jobs")
+        # The Dataset column: the parent's row and each job's name the data.
+        wait_for(lambda: browser.page_source.count('title="digits (') >= 3, "the Dataset column")
+        close_assistant(browser)
+        browser.save_screenshot(str(folder / "runs_view.png"))
+
+        browser.get(
+            f"{mlflow_server}/#/experiments/{experiment}/models?workflowType=machine_learning"
+        )
+        for text in ("pruned_onnx", "pruned.accuracy", "macs_ratio", REGISTERED):
+            wait_for(lambda text=text: text in browser.page_source, f"{text} in the Models tab")
+        close_assistant(browser)
+        browser.save_screenshot(str(folder / "models_tab.png"))
+    assert (folder / "runs_view.png").stat().st_size > 20_000
+
+
+def close_assistant(browser) -> None:
+    """MLflow 3.17 opens its chat panel beside the table: closed, as a user would."""
+    import contextlib
+
+    from selenium.webdriver.common.by import By
+
+    for button in browser.find_elements(By.CSS_SELECTOR, "button[aria-label='Close']"):
+        with contextlib.suppress(Exception):
+            button.click()
+    time.sleep(1)
 
 
 def wait_for(condition, what: str, timeout: float = 60.0) -> None:

@@ -87,7 +87,8 @@ def job(cfg: DictConfig) -> float | list[float] | None:
         if expected:
             sys.exit(2)
         raise
-    write_job_outcome(run_dir, "finished")
+    # The MLflow run's id: how a sweep's end finds the best job's model to register.
+    write_job_outcome(run_dir, "finished", run_id=getattr(tracker, "finished_run_id", None))
     if getattr(tracker, "closing_line", None):
         print(tracker.closing_line)
     return objective(record, settings)

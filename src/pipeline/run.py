@@ -216,8 +216,12 @@ def run(settings: RunSettings, run_dir: Path, tracker: Tracker | None = None) ->
         "config": plain(settings),
         "config_identity": config_identity(settings),
     }
+    metrics = final_metrics(record)
+    if settings.tracking.log_model:  # first: the record then names the models it logged
+        models = log_models(tracker, settings, splits, base.model, model_dir, metrics, run_dir)
+        record["mlflow_models"] = models or None
     write_json(record, run_dir / RECORD_FILE)
-    log_finished_run(tracker, record, monitor, run_dir)
+    log_finished_run(tracker, record, monitor, run_dir, metrics)
     print(summary_table(record))
     return record
 
@@ -256,6 +260,53 @@ def log_prune_step(tracker: Tracker, row: dict, iterations: int) -> None:
     log.info("prune step %d/%d: %s", row["step"], iterations, row)
 
 
+def log_models(
+    tracker: Tracker,
+    settings: RunSettings,
+    splits: DataSplits,
+    baseline_model: torch.nn.Module,
+    model_dir: Path,
+    metrics: dict[str, float],
+    run_dir: Path,
+) -> dict[str, dict[str, str]]:
+    """The pruned network (and with tracking.log_baseline_model the unpruned one) as MLflow
+    models, each with the metrics that describe it and one test image as its input example;
+    returns what the tracker says of each (model id, UI address)."""
+    if isinstance(tracker, NullTracker):
+        return {}
+    from pipeline.tracking.logged_model import ModelToLog
+
+    target = settings.model["_target_"]
+    trusted = [] if target.startswith("pipeline.models.") else [target]
+    example = splits.test[0][0].unsqueeze(0).float().numpy()
+    onnx_path = model_dir / "model.onnx" if settings.measure.onnx else None
+    # The figures that decide between models first: the Models tab shows them in this order.
+    first = ("pruned.accuracy", "accuracy_change_points", "macs_ratio", "latency_ratio")
+    rest = ("pruned.", "reduction.", "accuracy_change", "latency_ratio", "params_ratio")
+    pruned_metrics = {key: metrics[key] for key in first if key in metrics} | {
+        key: value for key, value in metrics.items() if key.startswith(rest)
+    }
+    models = [
+        ModelToLog(
+            "pruned", model_dir, example, splits.num_classes, pruned_metrics, trusted, onnx_path
+        )
+    ]
+    if settings.tracking.log_baseline_model:
+        baseline_dir = save_pruned(
+            baseline_model, settings.model, run_dir / "baseline_model", [target]
+        )
+        baseline_metrics = {k: v for k, v in metrics.items() if k.startswith("baseline.")}
+        models.append(
+            ModelToLog(
+                "baseline", baseline_dir, example, splits.num_classes, baseline_metrics, trusted
+            )
+        )
+    logged = {}
+    for model in models:
+        logged |= tracker.log_model(model, run_dir)
+    return logged
+
+
 def budget_summary(search: BudgetSearch, measurements: dict) -> dict:
     """The budget search, and the final model's ratio as the measure stage found it."""
     final = budget_achieved(
@@ -264,17 +315,8 @@ def budget_summary(search: BudgetSearch, measurements: dict) -> dict:
     return search.as_dict() | {"final": final, "met": final <= search.target}
 
 
-def log_finished_run(tracker: Tracker, record: dict, monitor: StageMonitor, run_dir: Path) -> None:
-    """Plots and the config beside measurements.json, and the metrics, curves and files of a
-    finished run for side-by-side comparison in the tracker."""
-    with atomic_path(run_dir / "config.yaml") as staging:
-        OmegaConf.save(OmegaConf.create(record["config"]), staging)
-    curves = training_curves(
-        {"baseline": record["baseline_history"], "finetune": record["finetune_history"]},
-        run_dir / "training_curves.png",
-    )
-    usage = resource_usage(monitor.samples, run_dir / "resource_usage.png")
-
+def final_metrics(record: dict) -> dict[str, float]:
+    """The scalar metrics of a finished run, by name, from its record."""
     metrics = {f"reduction.{key}_pct": value for key, value in record["reduction_pct"].items()}
     metrics["accuracy_drop_points"] = record["accuracy_drop_points"]
     metrics["sparsity"] = record["pruning"]["sparsity"]
@@ -298,6 +340,24 @@ def log_finished_run(tracker: Tracker, record: dict, monitor: StageMonitor, run_
         metrics |= {f"{side}.{key}": report[key] for key in SCALAR_METRICS}
         metrics[f"{side}.latency_p50_ms"] = report["latency_ms"]["p50"]
         metrics[f"{side}.latency_p90_ms"] = report["latency_ms"]["p90"]
+    for kind in ("macs", "params"):  # what a budget is set in: the pruned model's share
+        if record["baseline"][kind]:
+            metrics[f"{kind}_ratio"] = record["pruned"][kind] / record["baseline"][kind]
+    return metrics
+
+
+def log_finished_run(
+    tracker: Tracker, record: dict, monitor: StageMonitor, run_dir: Path, metrics: dict
+) -> None:
+    """Plots and the config beside measurements.json, and the metrics, curves and files of a
+    finished run for side-by-side comparison in the tracker."""
+    with atomic_path(run_dir / "config.yaml") as staging:
+        OmegaConf.save(OmegaConf.create(record["config"]), staging)
+    curves = training_curves(
+        {"baseline": record["baseline_history"], "finetune": record["finetune_history"]},
+        run_dir / "training_curves.png",
+    )
+    usage = resource_usage(monitor.samples, run_dir / "resource_usage.png")
     tracker.log_metrics(metrics)
     for row in record["baseline_history"]:
         tracker.log_metrics(

@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 
 from pipeline.report.sweep_report import sweep_report
 from pipeline.report.sweep_table import write_summary
+from pipeline.sweeps.objectives import best_job
 from pipeline.sweeps.outcomes import JobOutcome, sweep_outcomes, swept
 from pipeline.tracking.environment import environment_tags, process_tags
 from pipeline.tracking.mlflow_tracker import (
@@ -26,6 +27,44 @@ from pipeline.tracking.mlflow_tracker import (
     ui_line,
 )
 from pipeline.tracking.store import tracking_uri
+
+
+def best_line(best: JobOutcome, outcomes: list[JobOutcome], config: DictConfig) -> str:
+    """One line naming the best job by the sweep's objective, with its key figures."""
+    record = best.record
+    search = (config.get("search") or {}).get("objective", "accuracy")
+    search = getattr(search, "value", search)
+    macs = (
+        record["pruned"]["macs"] / record["baseline"]["macs"] if record["baseline"]["macs"] else 0
+    )
+    return (
+        f"best job by search.objective={search}: job {best.number} ({swept(best, outcomes)}): "
+        f"accuracy {record['pruned']['accuracy']:.4f}, MACs ratio {macs:.3f}, "
+        f"latency ratio {record['latency_ratio']['ratio']:.3f}"
+        + (f", run {best.run_id}" if best.run_id else "")
+    )
+
+
+def register_best(client, name: str, best: JobOutcome) -> str:
+    """Register the best job's pruned model under `name` and move `champion` to it; the line
+    that says what was done, or why not."""
+    from pipeline.errors import one_line
+    from pipeline.tracking.logged_model import CHAMPION, register, run_model_id
+
+    model_id = run_model_id(client, best.run_id) if best.run_id else None
+    if model_id is None:
+        return (
+            f"tracking.register=best: job {best.number} has no logged model to register "
+            f"(tracking.log_model=false, or its model still waits in its run's outbox)"
+        )
+    try:
+        version = register(client, name, model_id, best.run_id, alias=CHAMPION)
+    except Exception as error:
+        return f"tracking.register=best: registering {name!r} failed: {one_line(error)}"
+    return (
+        f"registered: models:/{name}@{CHAMPION} is version {version.version} "
+        f"(job {best.number}, model models:/{model_id})"
+    )
 
 
 class SweepParentRun(Callback):
@@ -72,6 +111,14 @@ class SweepParentRun(Callback):
             print(f"\nsweep summary ({summary}):\n{table}")
         report = sweep_report(sweep_dir)
         run_id = os.environ.get(PARENT_RUN_ENV)
+        best = best_job(self._outcomes)
+        if best is not None:
+            print(best_line(best, self._outcomes, config))
+        if run_id is not None and hasattr(self, "_client"):
+            with contextlib.suppress(Exception):  # a lost copy must not fail a finished sweep
+                self._datasets_of_jobs(run_id)
+            if best is not None:
+                self._mark_best(run_id, best, config)
         if run_id is not None and hasattr(self, "_client"):
             with contextlib.suppress(Exception):  # a lost copy must not fail a finished sweep
                 for path in (summary, pareto):
@@ -92,6 +139,42 @@ class SweepParentRun(Callback):
                     file=sys.stderr,
                 )
             sys.exit(2)  # Hydra lets SystemExit through: `python -m pipeline -m ...` exits 2
+
+    def _datasets_of_jobs(self, parent_id: str) -> None:
+        """The jobs' dataset inputs (one per digest) on the parent, so that its collapsed
+        row's Dataset column says what the sweep ran on."""
+        experiment = self._client.get_run(parent_id).info.experiment_id
+        children = self._client.search_runs(
+            [experiment], filter_string=f"tags.mlflow.parentRunId = '{parent_id}'"
+        )
+        found = {}
+        for child in children:
+            for item in child.inputs.dataset_inputs if child.inputs else []:
+                found.setdefault(item.dataset.digest, item)
+        if found:
+            self._client.log_inputs(parent_id, datasets=list(found.values()))
+
+    def _mark_best(self, parent_id: str, best: JobOutcome, config: DictConfig) -> None:
+        """The parent run carries the best job's key figures and run id (its collapsed row
+        answers "which was best"); with tracking.register=best, the best job's model becomes a
+        version of tracking.register_as, with the alias `champion`."""
+        record = best.record
+        metrics = {
+            "best.accuracy": record["pruned"]["accuracy"],
+            "best.latency_ratio": record["latency_ratio"]["ratio"],
+        }
+        if record["baseline"]["macs"]:
+            metrics["best.macs_ratio"] = record["pruned"]["macs"] / record["baseline"]["macs"]
+        with contextlib.suppress(Exception):  # a lost figure must not fail a finished sweep
+            for key, value in metrics.items():
+                self._client.log_metric(parent_id, key, float(value))
+            self._client.set_tag(parent_id, "best.job", best.number)
+            if best.run_id:
+                self._client.set_tag(parent_id, "best.run_id", best.run_id)
+        tracking = config.get("tracking") or {}
+        if tracking.get("register") != "best" or not tracking.get("register_as"):
+            return
+        print(register_best(self._client, tracking["register_as"], best), flush=True)
 
     def _close(self) -> None:
         run_id = os.environ.pop(PARENT_RUN_ENV, None)

@@ -15,7 +15,14 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pipeline.config.compose import causes, one_line
-from pipeline.config.schema import RunSettings, asked_budget, is_number, settings_fields
+from pipeline.config.schema import (
+    Objective,
+    Registration,
+    RunSettings,
+    asked_budget,
+    is_number,
+    settings_fields,
+)
 from pipeline.errors import ConfigError
 from pipeline.pruning.config_list import SPARSITY_KEYS
 from pipeline.pruning.engine import engine_for
@@ -60,6 +67,7 @@ def settings_from(cfg: DictConfig) -> RunSettings:
             shown = value if isinstance(value, (int, float, str)) else "<given value>"
             raise ConfigError(f"{key}={shown!r} is not allowed; allowed values: {allowed}")
     check_config_list(OmegaConf.to_container(typed.pruner).get("config_list"))
+    check_registration(typed.tracking, typed.search)
     engine_for(typed.pruner).check(typed.pruner)
     asked_budget(typed.budget)
     for key in TARGETS:
@@ -93,6 +101,23 @@ TARGETS = (
 
 # The pruner's settings are read by its pruning engine, not passed to its class as they are.
 BUILT_BY_ENGINE = ("pruner",)
+
+
+def check_registration(tracking: Any, search: Any) -> None:
+    """tracking.register=best ranks a sweep's jobs by its one objective, under a name."""
+    if tracking.register != Registration.best:
+        return
+    if tracking.register_as is None:
+        raise ConfigError(
+            "tracking.register=best registers the best job under tracking.register_as, which is "
+            "null; allowed values: tracking.register_as=NAME with it, or tracking.register=each"
+        )
+    if search.objective == Objective.pareto:
+        raise ConfigError(
+            "tracking.register=best needs one objective to rank jobs by, and "
+            "search.objective=pareto gives several; allowed values: search.objective=accuracy|"
+            "constrained_sparsity with it, or tracking.register=each"
+        )
 
 
 def check_target(key: str, path: Any) -> Any:

@@ -115,6 +115,13 @@ class Objective(str, Enum):
     pareto = "pareto"  # the values of search.metrics, in order
 
 
+class Registration(str, Enum):
+    """Which runs tracking.register_as registers (pipeline.tracking.logged_model)."""
+
+    each = "each"  # every run adds a version
+    best = "best"  # a sweep registers its best job only (by its objective), alias `champion`
+
+
 class DropEstimate(str, Enum):
     point = "point"  # the measured drop
     upper = "upper"  # the upper end of its 95 % interval: within the limit with 97.5 % confidence
@@ -288,6 +295,16 @@ class TrackingSettings:
     experiment: str = MISSING
     sample_interval_s: float = MISSING
     system_metrics: bool = MISSING
+    # The pruned network as an MLflow model (a pickle-free pyfunc, and ONNX with measure.onnx)
+    log_model: bool = MISSING
+    log_baseline_model: bool = MISSING  # the unpruned network too
+    # A registered model name each run (or, with register=best, a sweep's best job) adds a
+    # version to; null: none. Characters that models:/NAME@alias URIs would misread are refused.
+    register_as: str | None = ranged(
+        lambda v: v is None or (bool(v) and not set(v) & set("/:@#?%")),
+        "null or a name without / : @ # ? %",
+    )
+    register: Registration = MISSING
 
 
 @dataclass

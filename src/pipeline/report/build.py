@@ -8,7 +8,17 @@ from pathlib import Path
 from pipeline.report import figures
 from pipeline.report.compare import Model, compared_models
 from pipeline.report.console import notes as run_notes
-from pipeline.report.document import Bullets, Document, Heading, Image, Table, Text, write
+from pipeline.report.document import (
+    Bullets,
+    Cell,
+    Document,
+    Heading,
+    Image,
+    Link,
+    Table,
+    Text,
+    write,
+)
 from pipeline.report.sources import ReportError, RunRecord
 from pipeline.report.tables import (
     per_class_table,
@@ -133,17 +143,47 @@ def _older(what: str) -> str:
 
 def _runs_table(pruned: list[Model]) -> Table:
     named = any(model.runs[0].name for model in pruned)
+    logged = any((model.record.get("mlflow_models") or {}).get("pruned") for model in pruned)
     rows = []
     for model in pruned:
         run = model.runs[0]
         seconds = sum(stage["seconds"] for stage in run.record.get("stages", {}).values())
         name = [run.name or "—"] if named else []
+        link = [_model_link(run.record)] if logged else []
         rows.append(
-            [model.label, *name, run.source, str(run.record.get("device", "?")), f"{seconds:.0f}"]
+            [
+                model.label,
+                *name,
+                run.source,
+                str(run.record.get("device", "?")),
+                f"{seconds:.0f}",
+                *link,
+            ]
+        )
+    caption = "Where each pruned model's figures come from."
+    if logged:
+        caption += (
+            " MLflow model: the pruned network as an MLflow model (its page in the UI, served "
+            "by `mlflow ui` on the run's store); load it with mlflow.pyfunc.load_model(URI)."
         )
     return Table(
-        header=["model", *(["run name"] if named else []), "source", "device", "run time (s)"],
+        header=[
+            "model",
+            *(["run name"] if named else []),
+            "source",
+            "device",
+            "run time (s)",
+            *(["MLflow model"] if logged else []),
+        ],
         rows=rows,
-        caption="Where each pruned model's figures come from.",
+        caption=caption,
         name="runs",
     )
+
+
+def _model_link(record: dict) -> Cell:
+    """The run's pruned MLflow model, as a link to its page; "—" when it logged none."""
+    model = (record.get("mlflow_models") or {}).get("pruned")
+    if not model:
+        return "—"
+    return Link(model["uri"], model["address"]) if model.get("address") else model["uri"]

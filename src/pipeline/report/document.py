@@ -22,7 +22,18 @@ class Strong:
         return self.text
 
 
-Cell = str | Strong
+@dataclass
+class Link:
+    """A table cell that opens a page (a model's page in the MLflow UI)."""
+
+    text: str
+    href: str
+
+    def __str__(self) -> str:
+        return self.text
+
+
+Cell = str | Strong | Link
 
 
 @dataclass
@@ -98,6 +109,8 @@ def _plain(text: str) -> str:
 def _markdown_table(table: Table) -> list[str]:
     def cell(value: Cell) -> str:
         text = _plain(str(value)).replace("|", "\\|")
+        if isinstance(value, Link):
+            return f"[{text}]({value.href})"
         return f"**{text}**" if isinstance(value, Strong) else text
 
     lines = [
@@ -167,6 +180,8 @@ def _html_table(table: Table) -> str:
         # Numbers stay on one line; a phrase ("..., not significant") may wrap.
         words = ' class="words"' if tag == "td" and len(str(value)) > WRAP_AFTER else ""
         inner = f"<strong>{text}</strong>" if isinstance(value, Strong) else text
+        if isinstance(value, Link):
+            inner = f'<a href="{html.escape(value.href)}">{text}</a>'
         return f"<{tag}{words}>{inner}</{tag}>"
 
     head = "<tr>" + "".join(cell(value, "th") for value in table.header) + "</tr>"

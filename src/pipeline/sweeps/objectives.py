@@ -38,6 +38,44 @@ def objective(record: Mapping[str, Any], settings: RunSettings) -> float | list[
     return [float(v) for v in values] if len(values) > 1 else float(values[0])
 
 
+def record_objective(record: Mapping[str, Any]) -> float | list[float] | None:
+    """objective() from a record alone, with the search settings the record's job ran with:
+    how a sweep's end ranks its jobs, whichever process ran them."""
+    from types import SimpleNamespace
+
+    config = record["config"]
+    search = config["search"]
+    settings = SimpleNamespace(
+        sparsity=config["sparsity"],
+        search=SimpleNamespace(
+            objective=Objective(search["objective"]),
+            drop_estimate=DropEstimate(search["drop_estimate"]),
+            max_accuracy_drop=search["max_accuracy_drop"],
+            metrics=[Metric(name) for name in search["metrics"]],
+        ),
+    )
+    return objective(record, settings)
+
+
+def best_job(outcomes: list) -> Any | None:
+    """The job (a JobOutcome that ran or was found finished) with the highest objective; None
+    when no job has one, or when the objective has several values (a Pareto search has a
+    front, not one best)."""
+    scored = []
+    for outcome in outcomes:
+        if outcome.failed or outcome.record is None:
+            continue
+        try:
+            value = record_objective(outcome.record)
+        except (KeyError, TypeError, ValueError):  # a record of an older layout
+            continue
+        if isinstance(value, list):
+            return None
+        if value is not None:
+            scored.append((value, outcome))
+    return max(scored, key=lambda pair: pair[0])[1] if scored else None
+
+
 def accuracy_drop(change: Mapping[str, float], estimate: DropEstimate) -> float:
     """Points of top-1 accuracy lost against the baseline, from the paired accuracy change
     (pruned minus baseline): the measured drop, or the upper end of its 95 % interval."""

@@ -31,6 +31,7 @@ class JobOutcome:
     record: dict | None
     error: str | None
     pruner: str | None = None  # the pruner group's choice (apoz, mean_rank)
+    run_id: str | None = None  # its MLflow run (a skipped job's: the earlier run's)
 
     @property
     def failed(self) -> bool:
@@ -54,8 +55,18 @@ def sweep_outcomes(sweep_dir: Path) -> list[JobOutcome]:
         if (job_dir / RECORD_FILE).is_file():
             record = json.loads((job_dir / RECORD_FILE).read_text())
         status, error = outcome["status"], outcome.get("error")
-        outcomes.append(JobOutcome(job_dir.name, status, overrides, record, error, pruner))
+        run_id = outcome.get("run_id")
+        if status == "skipped" and record is not None:
+            run_id = _run_id(outcome.get("earlier"))
+        outcomes.append(JobOutcome(job_dir.name, status, overrides, record, error, pruner, run_id))
     return outcomes
+
+
+def _run_id(where: str | None) -> str | None:
+    """An earlier run's MLflow id, when that is what the resume lookup found (not a path)."""
+    if where and len(where) == 32 and all(c in "0123456789abcdef" for c in where):
+        return where
+    return None
 
 
 def _hydra_record(job_dir: Path) -> tuple[list[str], str | None]:

@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -35,6 +35,9 @@ from pipeline.tracking.outbox import (
 )
 from pipeline.tracking.store import is_local, tracking_uri
 from pipeline.tracking.tracker import NullTracker, Tracker
+
+if TYPE_CHECKING:
+    from pipeline.tracking.logged_model import ModelToLog
 
 log = logging.getLogger(__name__)
 
@@ -114,10 +117,12 @@ def quiet_mlflow() -> None:
 UI_PORT = 5000  # where `mlflow ui` serves unless told otherwise
 
 
-def ui_line(uri: str, experiment: str, run_id: str | None = None) -> str:
+def ui_line(
+    uri: str, experiment: str, run_id: str | None = None, model_id: str | None = None
+) -> str:
     """Where a person opens the experiment in MLflow's runs view (MLflow 3 otherwise opens on
-    its GenAI overview) and, with `run_id`, the run's own page. For a local store, the command
-    that serves it first."""
+    its GenAI overview) and, with `run_id`, the run's own page (and its model's, with
+    `model_id`). For a local store, the command that serves it first."""
     view = f"#/experiments/{experiment}?workflowType=machine_learning"
     page = f"#/experiments/{experiment}/runs/{run_id}" if run_id else None
     if is_local(uri):
@@ -126,12 +131,23 @@ def ui_line(uri: str, experiment: str, run_id: str | None = None) -> str:
     else:
         base, start = uri.rstrip("/"), ""
     line = f"MLflow: {start}{base}/{view}"
-    return f"{line} (this run: {base}/{page})" if page else line
+    if page is None:
+        return line
+    model = ""
+    if model_id:
+        model = f"; model models:/{model_id}: {model_address(uri, experiment, model_id)}"
+    return f"{line} (this run: {base}/{page}{model})"
 
 
-def run_address(uri: str, experiment: str, run_id: str) -> str:
-    """The run's page (after the command that serves a local store)."""
-    return ui_line(uri, experiment, run_id).removeprefix("MLflow: ")
+def model_address(uri: str, experiment: str, model_id: str) -> str:
+    """A LoggedModel's page in the UI (the Models tab's row), served as ui_line says."""
+    base = f"http://127.0.0.1:{UI_PORT}" if is_local(uri) else uri.rstrip("/")
+    return f"{base}/#/experiments/{experiment}/models/{model_id}?workflowType=machine_learning"
+
+
+def run_address(uri: str, experiment: str, run_id: str, model_id: str | None = None) -> str:
+    """The run's page, and its model's (after the command that serves a local store)."""
+    return ui_line(uri, experiment, run_id, model_id).removeprefix("MLflow: ")
 
 
 def finished_run_record(tracking: Any, output_root: str | Path, identity: str):
@@ -166,7 +182,12 @@ def finished_run_record(tracking: Any, output_root: str | Path, identity: str):
             record = json.loads(Path(path).read_text())
         except Exception:  # artifacts deleted or unreachable: run the job again
             return None
-    return record, run_id, run_address(uri, experiment.experiment_id, run_id)
+    from pipeline.tracking.logged_model import run_model_id
+
+    model_id = None
+    with contextlib.suppress(Exception):  # a store without LoggedModels (MLflow 2's)
+        model_id = run_model_id(client, run_id)
+    return record, run_id, run_address(uri, experiment.experiment_id, run_id, model_id)
 
 
 class MlflowTracker:
@@ -183,6 +204,10 @@ class MlflowTracker:
         self.uri: str | None = None
         self.closing_line: str | None = None  # where to open the run, once it has ended
         self._client = None
+        self._params: dict[str, str] = {}
+        self._dataset: dict[str, str] = {}  # name and digest, for the model's linked metrics
+        self.model_ids: dict[str, str] = {}  # LoggedModel name -> id, once sent
+        self.finished_run_id: str | None = None
         self._sample_step = 0
         self._log_file: Path | None = None
         self._outbox: Outbox | None = None
@@ -253,8 +278,10 @@ class MlflowTracker:
         with contextlib.suppress(Exception):
             mlflow.end_run(status=status)
         self._last_try()
-        self.closing_line = ui_line(self.uri, self.experiment_id, self.run_id)
-        self.run_id = None
+        self.closing_line = ui_line(
+            self.uri, self.experiment_id, self.run_id, self.model_ids.get("pruned")
+        )
+        self.finished_run_id, self.run_id = self.run_id, None
 
     def _last_try(self) -> None:
         """One more try to send what was kept; else one line saying where it waits."""
@@ -280,15 +307,16 @@ class MlflowTracker:
             "tracking: %s answers again; sent the %d operations kept meanwhile", self.uri, sent
         )
 
-    def _do(self, op: dict[str, Any]) -> None:
-        """Send one operation now; while the server does not answer, keep it (after whatever
-        was kept before it, so the server gets everything in order)."""
+    def _do(self, op: dict[str, Any]) -> Any:
+        """Send one operation now (returning what send returns); while the server does not
+        answer, keep it (after whatever was kept before it, so the server gets everything in
+        order) and return None."""
         with self._lock:
             outbox = self._outbox
             if outbox is not None and outbox.path.exists():
                 if wait_before_retry(self._failed_at):
                     outbox.add(op)
-                    return
+                    return None
                 try:
                     self._flush_kept()
                 except Exception as error:
@@ -296,9 +324,9 @@ class MlflowTracker:
                         raise
                     self._failed_at = time.monotonic()
                     outbox.add(op)
-                    return
+                    return None
             try:
-                send(self._client, self.run_id, op)
+                return send(self._client, self.run_id, op)
             except Exception as error:
                 if outbox is None or not unreachable(error):
                     raise
@@ -310,8 +338,10 @@ class MlflowTracker:
                     self.uri,
                     outbox.path,
                 )
+                return None
 
     def log_params(self, params: dict[str, str]) -> None:
+        self._params |= params
         items = [[k, v] for k, v in params.items()]
         for start in range(0, len(items), 100):  # MLflow takes at most 100 params a batch
             self._do({"op": "batch", "params": items[start : start + 100]})
@@ -331,6 +361,7 @@ class MlflowTracker:
             self._do({"op": "batch", "metrics": batch[start : start + 1000]})
 
     def log_dataset(self, dataset: dict[str, Any]) -> None:
+        self._dataset = {"name": dataset["name"], "digest": dataset["digest"]}
         self._do({"op": "dataset", "dataset": dataset})
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
@@ -339,6 +370,50 @@ class MlflowTracker:
         self._do(
             {"op": "artifact", "path": str(Path(path).resolve()), "artifact_path": artifact_path}
         )
+
+    def log_model(self, model: ModelToLog, run_dir: Path) -> dict[str, dict[str, str]]:
+        """Write the MLflow model(s) of `model` in the run folder, then send each as a
+        LoggedModel with its metrics linked; the pyfunc one is registered under
+        tracking.register_as (in a sweep with tracking.register=best, the sweep's end registers
+        its best job instead). Returns, per model sent, its id, URI and UI address (a model
+        kept in the outbox has none yet)."""
+        from pipeline.tracking.logged_model import LOADER_MODULE, save_models
+
+        sent = {}
+        register_as = self.settings.get("register_as")
+        in_sweep = bool(os.environ.get(PARENT_RUN_ENV))
+        if self.settings.get("register") == "best":
+            if in_sweep:
+                register_as = None
+            elif register_as:
+                log.warning(
+                    "tracking.register=best: a single run is registered as with register=each; "
+                    "a sweep moves the %r alias to its best job",
+                    "champion",
+                )
+        for name, folder in save_models(model, run_dir):
+            onnx = name.endswith("_onnx")
+            op = {
+                "op": "model",
+                "path": str(Path(folder).resolve()),
+                "name": name,
+                "model_type": "onnx" if onnx else "pyfunc",
+                "loader": "mlflow.onnx" if onnx else LOADER_MODULE,
+                "metrics": model.metrics,
+                "params": self._params,
+                "dataset": self._dataset,
+                "register_as": register_as if name == "pruned" else None,
+                "time": time.time(),
+            }
+            model_id = self._do(op)
+            if model_id is not None:
+                self.model_ids[name] = model_id
+                sent[name] = {
+                    "model_id": model_id,
+                    "uri": f"models:/{model_id}",
+                    "address": model_address(self.uri, self.experiment_id, model_id),
+                }
+        return sent
 
     def log_sample(self, sample: Sample) -> None:
         stamp = int(sample.time * 1000)

@@ -43,8 +43,8 @@ def unreachable(error: BaseException) -> bool:
     return bool(_UNREACHABLE.search(str(error)))
 
 
-def send(client, run_id: str, op: dict[str, Any]) -> None:
-    """Carry out one kept operation with an MlflowClient."""
+def send(client, run_id: str, op: dict[str, Any]) -> str | None:
+    """Carry out one kept operation with an MlflowClient; a model's returns its model id."""
     from mlflow.entities import Metric, Param, RunTag
 
     kind = op["op"]
@@ -65,10 +65,15 @@ def send(client, run_id: str, op: dict[str, Any]) -> None:
         from pipeline.tracking.dataset_input import dataset_input
 
         client.log_inputs(run_id, datasets=[dataset_input(op["dataset"])])
+    elif kind == "model":
+        from pipeline.tracking.logged_model import send_model
+
+        return send_model(client, run_id, op)
     elif kind == "terminate":
         client.set_terminated(run_id, op["status"], op["end_time"])
     else:
         raise ValueError(f"unknown outbox operation {kind!r}")
+    return None
 
 
 class Outbox:

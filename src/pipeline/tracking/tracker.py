@@ -4,9 +4,12 @@ MlflowTracker (pipeline.tracking.mlflow_tracker) records it all; NullTracker ign
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from pipeline.measure.resources import Sample
+
+if TYPE_CHECKING:
+    from pipeline.tracking.logged_model import ModelToLog
 
 
 class Tracker(Protocol):
@@ -23,6 +26,8 @@ class Tracker(Protocol):
     def log_dataset(self, dataset: dict) -> None: ...
 
     def log_sample(self, sample: Sample) -> None: ...
+
+    def log_model(self, model: ModelToLog, run_dir: Path) -> dict[str, dict[str, str]]: ...
 
 
 class NullTracker:
@@ -45,3 +50,6 @@ class NullTracker:
 
     def log_sample(self, sample: Sample) -> None:
         pass
+
+    def log_model(self, model: ModelToLog, run_dir: Path) -> dict[str, dict[str, str]]:
+        return {}
