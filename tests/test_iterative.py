@@ -195,9 +195,9 @@ def test_fine_tuning_between_steps_takes_its_epochs_from_the_fine_tuning(
     calls = []
     real = run_module.finetune
 
-    def counted(model, inputs, settings, teacher=None, on_epoch=None):
+    def counted(model, inputs, settings, teacher=None, on_epoch=None, **rest):
         calls.append((settings.epochs, sum(p.numel() for p in model.parameters())))
-        return real(model, inputs, settings, teacher=teacher, on_epoch=on_epoch)
+        return real(model, inputs, settings, teacher=teacher, on_epoch=on_epoch, **rest)
 
     monkeypatch.setattr(run_module, "finetune", counted)
     overrides = ("pruner.iterations=3", "finetune.epochs=4", "finetune.between_steps=1")

@@ -30,6 +30,16 @@ from pipeline.sweeps.objectives import FAILED, objective
 from pipeline.sweeps.outcomes import RECORD_FILE, write_job_outcome
 from pipeline.sweeps.resume import finished_before
 from pipeline.tracking.store import tracking_store
+from pipeline.training.distributed import (
+    SINGLE,
+    RankError,
+    barrier,
+    broadcast_json,
+    launched_world,
+    start,
+    stop,
+)
+from pipeline.training.ranks import peer_failure, record_rank_error, share_run_dir
 
 
 @hydra.main(version_base="1.3", config_path=SEARCH_PATH, config_name="config")
@@ -37,7 +47,7 @@ def job(cfg: DictConfig) -> float | list[float] | None:
     """One run; returns what a Hydra sweeper optimises (pipeline.sweeps.objectives: the pruned
     accuracy unless search.objective says otherwise), None for a failed job of a sweep."""
     # Imported here: a rejected command line exits before paying for torch and MLflow.
-    from pipeline.run import run
+    from pipeline.run import resolve_device, run
     from pipeline.tracking.mlflow_tracker import IDENTITY_TAG, tracked_run
 
     hydra_cfg = HydraConfig.get()
@@ -55,9 +65,19 @@ def job(cfg: DictConfig) -> float | list[float] | None:
     except ConfigError as error:
         settings, invalid = None, error
     identity = None if settings is None else config_identity(settings)
+    world = SINGLE
+    if settings is not None:  # trainer=ddp: join the other ranks (checked before: torchrun)
+        world, _ = start(settings.trainer, resolve_device(settings.device.value))
     earlier = None
-    if settings is not None and not settings.force:
+    if settings is not None and not settings.force and world.main:
         earlier = finished_before(settings, identity)
+    if not world.main:  # rank 0 decides, so that every rank skips or none does
+        if broadcast_json(None, world):
+            return None
+        return _other_rank(settings, run_dir, world)
+    if world.distributed:
+        broadcast_json(earlier is not None, world)
+        share_run_dir(run_dir, world)
     if earlier is not None:
         what = " ".join(hydra_cfg.overrides.task) or "this run"
         print(earlier_summary(earlier))
@@ -74,7 +94,21 @@ def job(cfg: DictConfig) -> float | list[float] | None:
                 raise invalid
             check_inputs(settings)  # again: a sweeper's sampled values were not pre-checked
             tracker.set_tags({IDENTITY_TAG: identity})
-            record = run(settings, run_dir, tracker)
+            if world.distributed:
+                tracker.set_tags({"trainer.world_size": str(world.size)})
+            try:
+                record = run(settings, run_dir, tracker, world)
+            except BaseException as error:
+                # Another rank's end (an error, a kill) reaches rank 0 as a broken collective
+                # or as torchrun's SIGTERM: the job fails, naming that rank and its cause.
+                if world.distributed:  # torchrun's SIGTERM must not cut the search short
+                    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+                failure = peer_failure(world, run_dir)
+                if failure is None:
+                    raise
+                raise RankError(failure) from error
+            barrier(world)  # the others wait for rank 0's files
+            stop(world)
     except Exception as error:
         expected = isinstance(error, PipelineError)
         line = str(error) if expected else one_line(error)
@@ -92,6 +126,26 @@ def job(cfg: DictConfig) -> float | list[float] | None:
     if getattr(tracker, "closing_line", None):
         print(tracker.closing_line)
     return objective(record, settings)
+
+
+def _other_rank(settings, run_dir: Path, world) -> None:
+    """A rank other than 0: trains with the others, writes nothing (rank 0 writes the run);
+    its error, if any, is left in rank 0's run folder for rank 0 to name, and said in one
+    line."""
+    from pipeline.run import run
+
+    logging.getLogger().setLevel(logging.ERROR)  # rank 0 says what happens, once
+    shared = share_run_dir(run_dir, world)
+    try:
+        run(settings, shared, None, world)
+        barrier(world)
+    except Exception as error:
+        line = str(error) if isinstance(error, PipelineError) else one_line(error)
+        record_rank_error(shared, world, line)
+        print(f"error: rank {world.rank}: {line}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    stop(world)
+    return None
 
 
 def earlier_summary(earlier) -> str:
@@ -165,9 +219,23 @@ def main() -> None:
         try:
             doomed = check_command_line(args)
         except ConfigError as error:
-            print(f"error: {error}", file=sys.stderr, flush=True)
-            record_rejected_run(args, error)
+            if launched_world().main:  # one line and one FAILED run for the job, not per rank
+                print(f"error: {error}", file=sys.stderr, flush=True)
+                record_rejected_run(args, error)
             sys.exit(2)
         for error in doomed:
             print(f"warning: a job of this sweep will fail: {error}", file=sys.stderr, flush=True)
+    world = launched_world()
+    if world.distributed and world.rank > 0:
+        # Rank 0 keeps the run folder; another rank's Hydra folder and log go to a temporary
+        # one (its one-line error goes to rank 0's folder and the console), and its console
+        # shows warnings only.
+        import atexit
+        import shutil
+        import tempfile
+
+        folder = tempfile.mkdtemp(prefix=f"pipeline-rank{world.rank}-")
+        atexit.register(shutil.rmtree, folder, True)
+        sys.argv += [f"hydra.run.dir={folder}", "hydra.output_subdir=null"]
+        logging.getLogger().setLevel(logging.WARNING)
     job()  # a sweep with a failed job exits 2 from its end callback (pipeline.sweep_end)

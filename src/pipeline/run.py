@@ -36,6 +36,14 @@ from pipeline.sweeps.outcomes import RECORD_FILE
 from pipeline.tracking.dataset_input import dataset_record
 from pipeline.tracking.monitor import StageMonitor
 from pipeline.tracking.tracker import NullTracker, Tracker
+from pipeline.training.distributed import (
+    SINGLE,
+    World,
+    broadcast_json,
+    check_same_model,
+    resolve_precision,
+    share_model,
+)
 from pipeline.training.loop import evaluate
 from pipeline.training.seeding import seed_everything, seed_stage
 
@@ -52,23 +60,38 @@ def resolve_device(choice: str) -> torch.device:
 
 
 def stage_inputs(
-    settings: RunSettings, splits: DataSplits, criterion, batch_size: int, device: torch.device
+    settings: RunSettings,
+    splits: DataSplits,
+    criterion,
+    batch_size: int,
+    device: torch.device,
+    world: World = SINGLE,
 ) -> StageInputs:
-    """A stage's loaders (shuffled from settings.seed), loss and device."""
+    """A stage's loaders (shuffled from settings.seed; sharded over the ranks of `world`), loss
+    and device."""
     loaders = make_loaders(
-        splits, batch_size, settings.seed, settings.num_workers, settings.max_batches
+        splits, batch_size, settings.seed, settings.num_workers, settings.max_batches, world
     )
     return StageInputs(loaders, criterion, device, splits.input_shape)
 
 
-def run(settings: RunSettings, run_dir: Path, tracker: Tracker | None = None) -> dict:
-    """All five stages; `tracker` (MLflow, or nothing) sees every stage, metric and file."""
+def run(
+    settings: RunSettings, run_dir: Path, tracker: Tracker | None = None, world: World = SINGLE
+) -> dict | None:
+    """All five stages; `tracker` (MLflow, or nothing) sees every stage, metric and file.
+    Over several ranks (`world`, trainer=ddp), the baseline and the fine-tuning train on all of
+    them, and rank 0 alone prunes, measures and writes; the others return None."""
     tracker = tracker or NullTracker()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if world.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(settings.seed)
     device = resolve_device(settings.device.value)
+    if world.distributed and device.type == "cuda":
+        device = torch.device("cuda", world.local_rank)
+    precision = resolve_precision(settings.trainer.precision, device)
     on_cuda = settings.pruner.pruning_on_cuda and torch.cuda.is_available()
-    prune_device = torch.device("cuda") if on_cuda else torch.device("cpu")
+    prune_device = torch.device("cuda", world.local_rank) if on_cuda else torch.device("cpu")
+    trusted = [settings.model["_target_"]]
 
     splits: DataSplits = build_dataset(settings.dataset)
     tracker.log_dataset(dataset_record(dict(settings.dataset), splits))
@@ -78,30 +101,35 @@ def run(settings: RunSettings, run_dir: Path, tracker: Tracker | None = None) ->
     criterion = instantiate(settings.criterion)
 
     baseline_inputs = stage_inputs(
-        settings, splits, criterion, settings.baseline.batch_size, device
+        settings, splits, criterion, settings.baseline.batch_size, device, world
     )
     prune_inputs = stage_inputs(
         settings, splits, criterion, settings.pruner.batch_size, prune_device
     )
     finetune_inputs = stage_inputs(
-        settings, splits, criterion, settings.finetune.batch_size, device
+        settings, splits, criterion, settings.finetune.batch_size, device, world
     )
     # Both models are evaluated on these very batches: the accuracy comparison is paired.
     test_loader = finetune_inputs.loaders.test
 
-    with StageMonitor(settings.tracking.sample_interval_s, tracker) as monitor:
+    # Rank 0 samples every GPU of its node that the job uses, not only its own.
+    gpus = settings.trainer.devices if world.distributed else 1
+    with StageMonitor(settings.tracking.sample_interval_s, tracker, gpus) as monitor:
         # Each stage timed, and its out-of-memory errors said in one line with the batch size.
         stage = guarded_stages(monitor.stage, settings)
         # 1. baseline
         with stage("baseline"):
             seed_stage(settings.seed, "baseline")
             base = baseline(
-                build_from_config(settings.model, trusted=[settings.model["_target_"]]),
+                build_from_config(settings.model, trusted=trusted),
                 baseline_inputs,
                 settings.baseline,
                 baseline_cache_path(settings),
+                world,
+                precision,
             )
-            baseline_quality = quality(base.model, test_loader, baseline_inputs)
+            if world.main:
+                baseline_quality = quality(base.model, test_loader, baseline_inputs)
         if base.convergence is not None:
             tracker.set_tags({"baseline.converged": str(base.convergence.converged).lower()})
 
@@ -109,34 +137,45 @@ def run(settings: RunSettings, run_dir: Path, tracker: Tracker | None = None) ->
         seed_stage(settings.seed, "prune")
         sparsity, search, pruner = settings.sparsity, None, settings.pruner
         if asked_budget(settings.budget) is not None:
-            with stage("prune"):  # the search prunes too
-                search = sparsity_for_budget(
-                    base.model, prune_inputs, pruner, settings.budget, settings.measure
-                )
-            sparsity = search.sparsity
+            if world.main:
+                with stage("prune"):  # the search prunes too
+                    search = sparsity_for_budget(
+                        base.model, prune_inputs, pruner, settings.budget, settings.measure
+                    )
+                log.info(search.describe())
+            found = broadcast_json(
+                [search.sparsity, search.round_to] if world.main else None, world
+            )
+            sparsity = found[0]
             # The search may have landed only with a finer rounding than pruner.round_to.
-            pruner = dataclasses.replace(pruner, round_to=search.round_to)
-            log.info(search.describe())
+            pruner = dataclasses.replace(pruner, round_to=found[1])
         # finetune.between_steps epochs after each pruning step but the last, the rest after it.
         between_epochs, final_epochs = split_epochs(settings.finetune, pruner.iterations)
         current, tied = copy.deepcopy(base.model), None
         steps, masks_by_step, config_list = [], [], []
         for index in range(1, pruner.iterations + 1):
-            try:
-                step = prune_step(current, prune_inputs, pruner, sparsity, index, tied, stage)
-            except UnsupportedModelError as error:
-                raise UnsupportedModelError(f"{model_label(settings.model)}: {error}") from error
-            current, tied, config_list = step.model, step.tied, step.config_list
-            masks_by_step.append(step.masks)
-            val = evaluate(current, prune_inputs.loaders.val, criterion, prune_device, "val")
-            steps.append(
-                {
-                    "step": index,
-                    "params": count_params(current),
-                    "val_accuracy": val.accuracy,
-                    "batchnorm_reestimated": step.recalibrated,
-                }
-            )
+            if world.main:  # pruning and speedup run on one process
+                try:
+                    step = prune_step(
+                        current.to(prune_device), prune_inputs, pruner, sparsity, index, tied, stage
+                    )
+                except UnsupportedModelError as error:
+                    label = model_label(settings.model)
+                    raise UnsupportedModelError(f"{label}: {error}") from error
+                current, tied, config_list = step.model, step.tied, step.config_list
+                masks_by_step.append(step.masks)
+                val = evaluate(current, prune_inputs.loaders.val, criterion, prune_device, "val")
+                steps.append(
+                    {
+                        "step": index,
+                        "params": count_params(current),
+                        "val_accuracy": val.accuracy,
+                        "batchnorm_reestimated": step.recalibrated,
+                    }
+                )
+            if world.distributed:  # every rank fine-tunes rank 0's pruned model, checked
+                current = share_model(current, settings.model, trusted, world, device)
+                check_same_model(current, world, f"pruning step {index}")
             if between_epochs and index < pruner.iterations:
                 with stage("finetune"):
                     seed_stage(settings.seed, f"finetune/step{index}")
@@ -145,11 +184,18 @@ def run(settings: RunSettings, run_dir: Path, tracker: Tracker | None = None) ->
                         finetune_inputs,
                         dataclasses.replace(settings.finetune, epochs=between_epochs),
                         teacher=base.model,
+                        world=world,
+                        precision=precision,
                     )
-                current = tuned.model.to(prune_device)
-                steps[-1]["finetuned_val_accuracy"] = max(r["val_accuracy"] for r in tuned.history)
-            log_prune_step(tracker, steps[-1], pruner.iterations)
-        save_masks(masks_by_step, run_dir / "masks.safetensors")
+                current = tuned.model
+                if world.main:
+                    current = current.to(prune_device)
+                    best = max(r["val_accuracy"] for r in tuned.history)
+                    steps[-1]["finetuned_val_accuracy"] = best
+            if world.main:
+                log_prune_step(tracker, steps[-1], pruner.iterations)
+        if world.main:
+            save_masks(masks_by_step, run_dir / "masks.safetensors")
 
         # 4. finetune
         with stage("finetune"):
@@ -166,7 +212,11 @@ def run(settings: RunSettings, run_dir: Path, tracker: Tracker | None = None) ->
                     },
                     step=row["epoch"],
                 ),
+                world=world,
+                precision=precision,
             )
+        if not world.main:  # rank 0 measures and writes; the others wait for it at the end
+            return None
 
         # 5. measure
         with stage("measure"):
@@ -181,9 +231,7 @@ def run(settings: RunSettings, run_dir: Path, tracker: Tracker | None = None) ->
                 seed=settings.seed,
             )
 
-    model_dir = save_pruned(
-        tuned.model, settings.model, run_dir / "pruned_model", [settings.model["_target_"]]
-    )
+    model_dir = save_pruned(tuned.model, settings.model, run_dir / "pruned_model", trusted)
     if settings.measure.onnx:
         export_onnx(tuned.model, splits.input_shape, model_dir / "model.onnx")
 

@@ -21,6 +21,7 @@ from pipeline.errors import (
     WeightsUnavailableError,
     first_line,
 )
+from pipeline.training.distributed import check_launch
 
 # An unreachable server must fail in seconds, not after MLflow's two minutes of retries.
 SERVER_TIMEOUT_S = 3.0
@@ -29,6 +30,7 @@ MODEL_WEIGHT_NAMES = ("none", "imagenet")  # model.weights values that are not c
 
 def check_inputs(settings: RunSettings) -> None:
     """Everything a run will read fits the run, or one ConfigError line says what does not."""
+    check_launch(settings)
     check_layout(dict(settings.dataset))
     check_runtime(settings.measure.runtime.value)
     check_model_choice(settings.model)

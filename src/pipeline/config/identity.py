@@ -18,6 +18,8 @@ def settings_hash(value: Any) -> str:
 
 # Settings that change where or how a run is recorded, not what it measures.
 NOT_IDENTITY = ("force", "tracking", "paths", "num_workers", "search")
+# Trainer options that change how processes talk, not what they compute.
+TRAINER_NOT_IDENTITY = ("backend", "timeout_s")
 
 
 def identity_settings(settings: RunSettings) -> dict:
@@ -34,6 +36,8 @@ def _without_neutral(node: type, values: dict) -> dict:
             continue
         if inner is not None and isinstance(value, dict):
             value = _without_neutral(inner, value)
+            if not value and all("neutral" in f.metadata for f, _ in settings_fields(inner)):
+                continue  # a group of options all left neutral: as if it did not exist
         kept[item.name] = value
     return kept
 
@@ -41,4 +45,9 @@ def _without_neutral(node: type, values: dict) -> dict:
 def config_identity(settings: RunSettings) -> str:
     """A hash of the resolved settings that decide a run's results: equal hash, same job."""
     chosen = identity_settings(settings)
+    if "trainer" in chosen:
+        trainer = {k: v for k, v in chosen["trainer"].items() if k not in TRAINER_NOT_IDENTITY}
+        chosen = {k: v for k, v in chosen.items() if k != "trainer"}
+        if trainer:
+            chosen["trainer"] = trainer
     return settings_hash({k: v for k, v in chosen.items() if k not in NOT_IDENTITY})

@@ -307,6 +307,32 @@ class TrackingSettings:
     register: Registration = MISSING
 
 
+class Strategy(str, Enum):
+    single = "single"  # one process, one device
+    ddp = "ddp"  # torch.distributed data-parallel, one process per device (started by torchrun)
+
+
+PRECISIONS = ("auto", "bf16-mixed", "16-mixed", "32")
+
+
+@dataclass
+class TrainerSettings:
+    """How the baseline and the fine-tuning train (pipeline.training.distributed): on one device
+    or data-parallel over several, and in which precision. Pruning and measuring run on one
+    process either way."""
+
+    strategy: Strategy = ranged(lambda v: True, "single, ddp", Strategy.single)
+    # processes per node (one per GPU; on the CPU, gloo processes); must match torchrun's
+    devices: int = ranged(lambda v: is_number(v) and v >= 1, "an integer >= 1", 1)
+    num_nodes: int = ranged(lambda v: is_number(v) and v >= 1, "an integer >= 1", 1)
+    # auto: bf16-mixed on a CUDA GPU that supports bf16, else 32 (the CPU: bf16 was slower)
+    precision: str = ranged(lambda v: v in PRECISIONS, ", ".join(PRECISIONS), "auto")
+    # auto: nccl on CUDA, gloo on the CPU
+    backend: str = ranged(lambda v: v in ("auto", "gloo", "nccl"), "auto, gloo, nccl", "auto")
+    # how long a rank waits for the others (a collective, a barrier) before the job fails
+    timeout_s: float = ranged(lambda v: is_number(v) and v > 0, "a number > 0", 1800.0)
+
+
 @dataclass
 class PathSettings:
     output_root: str = MISSING
@@ -364,6 +390,7 @@ class RunSettings:
     finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
     measure: MeasureSettings = field(default_factory=MeasureSettings)
     tracking: TrackingSettings = field(default_factory=TrackingSettings)
+    trainer: TrainerSettings = field(default_factory=TrainerSettings)
     paths: PathSettings = field(default_factory=PathSettings)
     search: SearchSettings = field(default_factory=SearchSettings)
     budget: BudgetSettings = field(default_factory=BudgetSettings)

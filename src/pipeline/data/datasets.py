@@ -21,6 +21,7 @@ from pipeline.data.augment import FlipAndShift
 from pipeline.data.image_files import BadFiles, rgb_image, screen
 from pipeline.data.layout import FASHION_MNIST_FILES, check_imagefolder, missing_fashion_mnist_files
 from pipeline.errors import ConfigError, DataUnavailableError
+from pipeline.training.distributed import SINGLE, World
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -76,9 +77,15 @@ def make_loaders(
     seed: int,
     num_workers: int = 0,
     max_batches: int | None = None,
+    world: World = SINGLE,
 ) -> Loaders:
     """Shuffled training loader with a seeded order; evaluation loaders in dataset order; with
-    `max_batches`, each yields at most that many batches per pass."""
+    `max_batches`, each yields at most that many batches per pass. Over several ranks
+    (`world`), `batch_size` is the global batch: each rank trains on its share of it, from a
+    DistributedSampler, and validates on every world.size-th image (no image twice, so the
+    summed accuracy is exact); the test loader stays whole, for rank 0's measurements."""
+    if world.distributed:
+        return _sharded_loaders(splits, batch_size, seed, num_workers, max_batches, world)
     generator = torch.Generator().manual_seed(seed)
     common = {"batch_size": batch_size, "num_workers": num_workers}
     # A last training batch of one image stops BatchNorm ("Expected more than 1 value per
@@ -88,6 +95,36 @@ def make_loaders(
         DataLoader(splits.train, shuffle=True, generator=generator, drop_last=lone, **common),
         DataLoader(splits.val, shuffle=False, **common),
         DataLoader(splits.test, shuffle=False, **common),
+    ]
+    if max_batches is not None:
+        loaders = [FirstBatches(loader, max_batches) for loader in loaders]
+    return Loaders(*loaders)
+
+
+def _sharded_loaders(
+    splits: DataSplits,
+    batch_size: int,
+    seed: int,
+    num_workers: int,
+    max_batches: int | None,
+    world: World,
+) -> Loaders:
+    from torch.utils.data.distributed import DistributedSampler
+
+    share = max(batch_size // world.size, 1)
+    # drop_last: the split's tail that does not divide by the world size sits the epoch out,
+    # rather than images repeated to pad it (a different tail each epoch: the shuffle moves).
+    sampler = DistributedSampler(
+        splits.train, world.size, world.rank, shuffle=True, seed=seed, drop_last=True
+    )
+    per_rank = len(sampler)
+    lone = per_rank % share == 1 and per_rank > 1
+    common = {"batch_size": share, "num_workers": num_workers}
+    val = Subset(splits.val, range(world.rank, len(splits.val), world.size))
+    loaders = [
+        DataLoader(splits.train, sampler=sampler, drop_last=lone, **common),
+        DataLoader(val, shuffle=False, **common),
+        DataLoader(splits.test, shuffle=False, batch_size=batch_size, num_workers=num_workers),
     ]
     if max_batches is not None:
         loaders = [FirstBatches(loader, max_batches) for loader in loaders]

@@ -18,29 +18,62 @@ import torch
 MB = 1e6
 
 
-class Nvml:
-    """Device-wide GPU utilisation and memory of one GPU; absent (None) without NVML or a GPU."""
+def nvml_device(torch_index: int, visible: str | None) -> int | str:
+    """The NVML device of torch's cuda:`torch_index`: torch counts only the devices that
+    CUDA_VISIBLE_DEVICES lists (by index or by UUID), NVML counts every device of the machine.
+    An int is an NVML index, a str a UUID."""
+    if not visible:
+        return torch_index
+    entries = [entry.strip() for entry in visible.split(",") if entry.strip()]
+    entry = entries[torch_index]
+    return int(entry) if entry.isdigit() else entry
 
-    def __init__(self, index: int = 0) -> None:
-        self.handle = None
+
+class Nvml:
+    """Device-wide GPU utilisation and memory of the GPUs a job uses (torch's cuda:0 ..
+    cuda:`count`-1 on this node, found through CUDA_VISIBLE_DEVICES); absent (None) without
+    NVML or a GPU. The figures are the mean utilisation and the summed memory of those GPUs,
+    and each one's under `gpu<n>_...` with n torch's index."""
+
+    def __init__(self, count: int = 1) -> None:
+        import os
+
+        self.handles = []
         try:
             import pynvml
 
             pynvml.nvmlInit()
-            self.handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            for index in range(count):
+                device = nvml_device(index, visible)
+                if isinstance(device, int):
+                    self.handles.append(pynvml.nvmlDeviceGetHandleByIndex(device))
+                else:
+                    self.handles.append(pynvml.nvmlDeviceGetHandleByUUID(device))
             self._pynvml = pynvml
         except Exception:  # no driver, no GPU, no library: GPU series stay absent
-            self.handle = None
+            self.handles = []
+
+    @property
+    def handle(self):
+        return self.handles[0] if self.handles else None
 
     def read(self) -> dict[str, float]:
-        if self.handle is None:
+        if not self.handles:
             return {}
-        utilisation = self._pynvml.nvmlDeviceGetUtilizationRates(self.handle)
-        memory = self._pynvml.nvmlDeviceGetMemoryInfo(self.handle)
-        return {
-            "gpu_utilization_percent": float(utilisation.gpu),
-            "gpu_memory_mb": memory.used / MB,
-        }
+        values: dict[str, float] = {}
+        used, busy = [], []
+        for index, handle in enumerate(self.handles):
+            utilisation = self._pynvml.nvmlDeviceGetUtilizationRates(handle)
+            memory = self._pynvml.nvmlDeviceGetMemoryInfo(handle)
+            busy.append(float(utilisation.gpu))
+            used.append(memory.used / MB)
+            if len(self.handles) > 1:
+                values[f"gpu{index}_utilization_percent"] = busy[-1]
+                values[f"gpu{index}_memory_mb"] = used[-1]
+        values["gpu_utilization_percent"] = sum(busy) / len(busy)
+        values["gpu_memory_mb"] = sum(used)
+        return values
 
 
 @dataclass
@@ -61,11 +94,12 @@ class ResourceSampler:
     on_sample: Callable[[Sample], None] | None = None
     samples: list[Sample] = field(default_factory=list)
     stage: str | None = None
+    gpus: int = 1  # GPUs of this node the job uses (trainer.devices under trainer=ddp)
 
     def __post_init__(self) -> None:
         self._process = psutil.Process()
         self._cuda = torch.cuda.is_available()
-        self._nvml = Nvml() if self._cuda else None
+        self._nvml = Nvml(min(self.gpus, torch.cuda.device_count())) if self._cuda else None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="resource-sampler", daemon=True)
         self._process.cpu_percent(None)  # the first call only sets the reference point

@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from pipeline.config.identity import identity_settings, settings_hash
+from pipeline.config.identity import TRAINER_NOT_IDENTITY, identity_settings, settings_hash
 from pipeline.config.schema import RunSettings
 from pipeline.files import atomic_path
 
@@ -25,16 +25,23 @@ def baseline_cache_path(settings: RunSettings) -> Path | None:
         # The memory layout changes float rounding, not the recipe (as the device does not).
         if key not in ("checkpoint", "cache", "convergence", "channels_last")
     }
-    key = settings_hash(
-        [
-            settings.model,
-            settings.dataset,
-            training,
-            settings.criterion,
-            settings.max_batches,
-            settings.seed,
-        ]
-    )
+    parts = [
+        settings.model,
+        settings.dataset,
+        training,
+        settings.criterion,
+        settings.max_batches,
+        settings.seed,
+    ]
+    # Processes and precision change the weights; left at their defaults, the key is as it was.
+    trainer = {
+        key: value
+        for key, value in identity_settings(settings).get("trainer", {}).items()
+        if key not in TRAINER_NOT_IDENTITY
+    }
+    if trainer:
+        parts.append(trainer)
+    key = settings_hash(parts)
     return Path(settings.paths.cache_dir) / "baselines" / f"{key}.safetensors"
 
 

@@ -218,19 +218,7 @@ def load_pruned(
     directory = Path(directory)
     try:
         record = json.loads((directory / ARCHITECTURE_FILE).read_text())
-        if record.get("format") != FORMAT_VERSION:
-            raise ValueError(f"unsupported pruned-model format {record.get('format')!r}")
-        model = build_from_config(record["model"], trusted)
-        for name, spec in record["layers"].items():
-            spec = dict(spec)
-            if spec["type"] == OWN_TENSORS:
-                _resize_own(model.get_submodule(name), spec)
-                continue
-            layer = LAYER_TYPES[spec.pop("type")]
-            for key in ("kernel_size", "stride", "padding", "dilation", "normalized_shape"):
-                if isinstance(spec.get(key), list):
-                    spec[key] = tuple(spec[key])
-            model.set_submodule(name, _narrower(model.get_submodule(name), layer, spec))
+        model = build_described(record, trusted)
         state = load_file(directory / WEIGHTS_FILE)
         # Modules that version their state (torchvision's MNASNet) read the version from the
         # state dict's metadata, which safetensors does not hold: the rebuilt model's is theirs.
@@ -245,6 +233,25 @@ def load_pruned(
             f"({ARCHITECTURE_FILE} + {WEIGHTS_FILE})"
         ) from None
     return model.to(device).eval()
+
+
+def build_described(record: dict[str, Any], trusted: Sequence[str] = ()) -> nn.Module:
+    """The architecture `describe` recorded, with fresh weights: the builder's model, its
+    pruned layers narrowed as recorded."""
+    if record.get("format") != FORMAT_VERSION:
+        raise ValueError(f"unsupported pruned-model format {record.get('format')!r}")
+    model = build_from_config(record["model"], trusted)
+    for name, spec in record["layers"].items():
+        spec = dict(spec)
+        if spec["type"] == OWN_TENSORS:
+            _resize_own(model.get_submodule(name), spec)
+            continue
+        layer = LAYER_TYPES[spec.pop("type")]
+        for key in ("kernel_size", "stride", "padding", "dilation", "normalized_shape"):
+            if isinstance(spec.get(key), list):
+                spec[key] = tuple(spec[key])
+        model.set_submodule(name, _narrower(model.get_submodule(name), layer, spec))
+    return model
 
 
 def export_onnx(model: nn.Module, input_shape: tuple[int, ...], path: str | Path) -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from pipeline.files import file_lock
 from pipeline.models.baseline_cache import load_weights, save_weights
 from pipeline.models.zoo import load_state_dict, state_dict_mismatch
 from pipeline.training.convergence import Convergence, check_convergence
+from pipeline.training.distributed import SINGLE, World, broadcast_json, broadcast_state
 from pipeline.training.loop import fit
 
 log = logging.getLogger(__name__)
@@ -34,25 +36,32 @@ def baseline(
     inputs: StageInputs,
     settings: BaselineSettings,
     cache_path: Path | None,
+    world: World = SINGLE,
+    precision: str = "32",
 ) -> BaselineResult:
     """Fill `model` with baseline weights: the checkpoint if given, else cached, else trained.
 
     Training and caching happen under a lock on the cache entry: jobs running at the same time
-    train it once, and the others wait for it instead of training their own copy.
+    train it once, and the others wait for it instead of training their own copy. Over several
+    ranks (`world`), rank 0 alone holds the lock, reads and writes the cache; a cached entry
+    reaches the other ranks from it, and a missing one is trained by all of them together.
     """
     device = inputs.device
     if settings.checkpoint:
         model.load_state_dict(load_state_dict(settings.checkpoint, key="baseline.checkpoint"))
         return BaselineResult(model.to(device), "checkpoint", Path(settings.checkpoint))
     if cache_path is None:
-        return trained(model, inputs, settings, None)
-    with file_lock(cache_path):
+        return trained(model, inputs, settings, None, world, precision)
+    with file_lock(cache_path) if world.main else contextlib.nullcontext():
         # The training history travels with the weights, so a cached baseline is judged the same.
-        history = from_cache(model, cache_path)
+        history = from_cache(model, cache_path) if world.main else None
+        history = broadcast_json(history, world)
         if history is not None:
+            model = model.to(device)
+            broadcast_state(model, world)
             verdict = converged(history, settings)
-            return BaselineResult(model.to(device), "cache", cache_path, history, verdict)
-        return trained(model, inputs, settings, cache_path)
+            return BaselineResult(model, "cache", cache_path, history, verdict)
+        return trained(model, inputs, settings, cache_path, world, precision)
 
 
 def from_cache(model: nn.Module, cache_path: Path) -> list[dict] | None:
@@ -78,10 +87,24 @@ def from_cache(model: nn.Module, cache_path: Path) -> list[dict] | None:
 
 
 def trained(
-    model: nn.Module, inputs: StageInputs, settings: BaselineSettings, cache_path: Path | None
+    model: nn.Module,
+    inputs: StageInputs,
+    settings: BaselineSettings,
+    cache_path: Path | None,
+    world: World = SINGLE,
+    precision: str = "32",
 ) -> BaselineResult:
-    result = fit(model, inputs.loaders, inputs.criterion, settings, inputs.device, desc="baseline")
-    if cache_path is not None:
+    result = fit(
+        model,
+        inputs.loaders,
+        inputs.criterion,
+        settings,
+        inputs.device,
+        desc="baseline",
+        precision=precision,
+        world=world,
+    )
+    if cache_path is not None and world.main:
         metadata = {"best_epoch": str(result.best_epoch), "history": json.dumps(result.history)}
         save_weights(model.state_dict(), cache_path, metadata=metadata)
     return BaselineResult(

@@ -11,6 +11,7 @@ from torch import nn
 
 from pipeline.config.schema import DropoutRule, FinetuneSettings
 from pipeline.data.datasets import StageInputs
+from pipeline.training.distributed import SINGLE, World
 from pipeline.training.loop import Distillation, FitResult, fit
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,8 @@ def finetune(
     settings: FinetuneSettings,
     teacher: nn.Module | None = None,
     on_epoch: Callable[[dict], None] | None = None,
+    world: World = SINGLE,
+    precision: str = "32",
 ) -> FitResult:
     """Train the pruned model; with finetune.distill set, `teacher` (the baseline) guides it.
     With finetune.dropout=scaled its dropout rates are first lowered as its layers were pruned
@@ -58,6 +61,8 @@ def finetune(
         on_epoch=on_epoch,
         distillation=distillation,
         ema_decay=settings.ema_decay,
+        precision=precision,
+        world=world,
     )
 
 

@@ -423,7 +423,7 @@ class MlflowTracker:
         metrics = [
             [f"resource.{key}", value, stamp, step]
             for key, value in sample.values.items()
-            if not key.startswith("gpu_")
+            if not key.startswith("gpu")
         ]
         with contextlib.suppress(Exception):  # a lost sample must never stop a run
             if self._outbox is not None:  # a server: kept while it does not answer

@@ -18,9 +18,11 @@ class StageMonitor:
     """`with StageMonitor(...) as monitor:` samples every `interval` seconds until the block
     ends; `with monitor.stage(name):` times one stage and summarises its samples."""
 
-    def __init__(self, interval: float, tracker: Tracker | None = None) -> None:
+    def __init__(self, interval: float, tracker: Tracker | None = None, gpus: int = 1) -> None:
         self.tracker = tracker or NullTracker()
-        self.sampler = ResourceSampler(interval=interval, on_sample=self.tracker.log_sample)
+        self.sampler = ResourceSampler(
+            interval=interval, on_sample=self.tracker.log_sample, gpus=gpus
+        )
         self.stage_seconds: dict[str, dict[str, float]] = {}
         self.stage_summaries: dict[str, dict[str, float]] = {}
 

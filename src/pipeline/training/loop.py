@@ -19,6 +19,14 @@ from tqdm import tqdm
 from pipeline.config.schema import TrainingSettings
 from pipeline.data.datasets import Loaders
 from pipeline.errors import DivergedError
+from pipeline.training.distributed import (
+    SINGLE,
+    World,
+    all_sum,
+    autocast,
+    check_same_model,
+    sync_buffers,
+)
 
 log = logging.getLogger(__name__)
 
@@ -113,11 +121,16 @@ def train_steps(
     epoch: int = 1,
     stage: str | None = None,
     hint: str = "lower finetune.lr",
+    precision: str = "32",
+    scaler: torch.amp.GradScaler | None = None,
+    world: World = SINGLE,
 ) -> float:
     """One pass over the loader; returns the mean training loss. `average`, where given, is
     updated after every optimizer step; `max_grad_norm` clips the gradients before it.
     A NaN or infinite loss stops the pass with DivergedError, one line naming `stage` (`desc`
-    unless given), `epoch`, the step and the learning rate, ending with `hint`."""
+    unless given), `epoch`, the step and the learning rate, ending with `hint`.
+    `precision` (bf16-mixed, 16-mixed with `scaler`, 32) is the forward passes'; over several
+    ranks (`world`), `model` is the DDP-wrapped one and the mean is over every rank's images."""
     model.train()
     if distillation is not None:
         distillation.teacher.eval()
@@ -131,18 +144,27 @@ def train_steps(
     for step, (images, labels) in enumerate(bar, 1):
         images, labels = _on(images, device, layout), labels.to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
-        logits = model(images)
-        if distillation is None:
-            loss = criterion(logits, labels)
+        with autocast(precision, device):
+            logits = model(images)
+            if distillation is None:
+                loss = criterion(logits, labels)
+            else:
+                loss = distillation.loss(criterion, logits, labels, images)
+        if scaler is not None:  # 16-mixed: scaled, so that small fp16 gradients do not vanish
+            scaler.scale(loss).backward()
+            if max_grad_norm is not None:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
         else:
-            loss = distillation.loss(criterion, logits, labels, images)
-        loss.backward()
-        if max_grad_norm is not None:
-            nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
-        optimizer.step()
+            loss.backward()
+            if max_grad_norm is not None:
+                nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+            optimizer.step()
         if average is not None:
-            average.update_parameters(model)
-        loss = loss.detach()
+            average.update_parameters(getattr(model, "module", model))  # DDP's inner model
+        loss = loss.detach().float()
         first_bad = torch.where(
             (first_bad < 0) & ~torch.isfinite(loss), torch.full_like(first_bad, step), first_bad
         )
@@ -151,7 +173,9 @@ def train_steps(
         if step % CHECK_EVERY == 0:
             mean = _checked(total_loss, first_bad, optimizer, stage or desc, epoch, hint) / seen
             bar.set_postfix(loss=f"{mean:.4f}")
-    return _checked(total_loss, first_bad, optimizer, stage or desc, epoch, hint) / max(seen, 1)
+    total = _checked(total_loss, first_bad, optimizer, stage or desc, epoch, hint)
+    total, seen = all_sum([total, seen], world, device)
+    return total / max(seen, 1)
 
 
 CHECK_EVERY = 20  # training steps between two looks at the loss (one GPU sync each)
@@ -247,6 +271,36 @@ def evaluate(
     )
 
 
+def evaluate_across(
+    model: nn.Module,
+    loader: Iterable,
+    criterion: Callable,
+    device: torch.device,
+    world: World,
+    desc: str = "val",
+    layout: torch.memory_format = torch.contiguous_format,
+) -> EvalResult:
+    """evaluate() over a split sharded between the ranks, summed: the exact accuracy and mean
+    loss over the whole split (not a mean of the ranks' means); no image-by-image lists."""
+    mine = evaluate(model, loader, criterion, device, desc, layout)
+    if not world.distributed:
+        return mine
+    n = mine.samples
+    sums = [mine.accuracy * n, mine.top5 * n, mine.loss * n, n] if n else [0.0, 0.0, 0.0, 0]
+    correct, correct5, loss, seen = all_sum(sums, world, device)
+    if seen == 0:
+        return EvalResult(math.nan, math.nan, math.nan, 0)
+    return EvalResult(correct / seen, correct5 / seen, loss / seen, int(seen))
+
+
+def set_epoch(loader: Iterable, epoch: int) -> None:
+    """A DistributedSampler's epoch (its shuffle), through FirstBatches where there is one."""
+    inner = getattr(loader, "loader", loader)
+    sampler = getattr(inner, "sampler", None)
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
+
+
 def lr_schedule(
     optimizer: torch.optim.Optimizer, epochs: int, schedule: str, warmup_epochs: int
 ) -> torch.optim.lr_scheduler.LRScheduler | None:
@@ -294,6 +348,8 @@ def fit(
     on_epoch: Callable[[dict], None] | None = None,
     distillation: Distillation | None = None,
     ema_decay: float = 0.0,
+    precision: str = "32",
+    world: World = SINGLE,
 ) -> FitResult:
     """Train for settings.epochs with settings.optimizer at settings.lr under settings.schedule,
     keeping the weights of the epoch with the best validation accuracy. The one training loop
@@ -301,7 +357,11 @@ def fit(
     (weights and batches); the model it returns is back in the default layout.
     With ema_decay > 0 an exponential moving average of the weights and BatchNorm statistics
     (ema_average) follows every step, and it, not the last step's weights, is what each epoch
-    validates, what the best epoch keeps and what is returned; 0 is no averaging."""
+    validates, what the best epoch keeps and what is returned; 0 is no averaging.
+    `precision`: the forward passes' (pipeline.training.distributed.autocast). Over several
+    ranks (`world`, loaders sharded) the model trains inside DistributedDataParallel, each
+    epoch ends with rank 0's BatchNorm statistics on every rank, and validation is summed over
+    the ranks, so every rank keeps the same epoch and weights."""
     layout = batch_layout(settings.channels_last)
     model.to(device, memory_format=layout)
     average = None
@@ -314,6 +374,13 @@ def fit(
         # The teacher sees the same NHWC batches: in NCHW it would convert each one back.
         distillation.teacher.to(device, memory_format=layout)
     optimizer = instantiate(settings.optimizer)(model.parameters(), lr=settings.lr)
+    trained = model
+    if world.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [device.index] if device.type == "cuda" else None
+        trained = DistributedDataParallel(model, device_ids=ids)
+    scaler = torch.amp.GradScaler(device.type) if precision == "16-mixed" else None
     scheduler = lr_schedule(
         optimizer, settings.epochs, _name(settings.schedule), settings.warmup_epochs
     )
@@ -324,8 +391,9 @@ def fit(
     epochs = settings.epochs
     epoch_bar = tqdm(range(1, epochs + 1), desc=desc, dynamic_ncols=True, disable=None)
     for epoch in epoch_bar:
+        set_epoch(loaders.train, epoch)
         train_loss = train_steps(
-            model,
+            trained,
             loaders.train,
             criterion,
             optimizer,
@@ -338,16 +406,25 @@ def fit(
             epoch=epoch,
             stage=desc,
             hint=f"lower {desc}.lr or set {desc}.max_grad_norm",
+            precision=precision,
+            scaler=scaler,
+            world=world,
         )
         if scheduler is not None:
             scheduler.step()
-        val = evaluate(validated, loaders.val, criterion, device, "val", layout)
+        sync_buffers(model, world)
+        if average is not None:
+            sync_buffers(average.module, world)
+        with autocast(precision, device):
+            val = evaluate_across(validated, loaders.val, criterion, device, world, "val", layout)
         record = {
             "epoch": epoch,
             "train_loss": train_loss,
             "val_accuracy": val.accuracy,
             "val_loss": val.loss,
         }
+        if world.distributed:  # every rank holds the same weights after every epoch, checked
+            record["parameter_hash"] = check_same_model(validated, world, f"{desc} epoch {epoch}")
         result.history.append(record)
         if on_epoch is not None:
             on_epoch(record)
