@@ -37,11 +37,38 @@ def best_line(best: JobOutcome, outcomes: list[JobOutcome], config: DictConfig) 
     macs = (
         record["pruned"]["macs"] / record["baseline"]["macs"] if record["baseline"]["macs"] else 0
     )
-    return (
+    line = (
         f"best job by search.objective={search}: job {best.number} ({swept(best, outcomes)}): "
         f"accuracy {record['pruned']['accuracy']:.4f}, MACs ratio {macs:.3f}, "
         f"latency ratio {record['latency_ratio']['ratio']:.3f}"
         + (f", run {best.run_id}" if best.run_id else "")
+    )
+    if search == "accuracy":
+        line += runner_up_note(best, outcomes)
+    return line
+
+
+def runner_up_note(best: JobOutcome, outcomes: list[JobOutcome]) -> str:
+    """How far the next most accurate job is, and whether the test set can tell them apart:
+    a gap inside the 95 % binomial half-width of the best job's accuracy is a tie."""
+    import math
+
+    others = [
+        o for o in outcomes if o is not best and not o.failed and o.record and o.record["pruned"]
+    ]
+    if not others:
+        return ""
+    runner = max(others, key=lambda o: o.record["pruned"]["accuracy"])
+    accuracy = best.record["pruned"]["accuracy"]
+    gap = 100 * (accuracy - runner.record["pruned"]["accuracy"])
+    n = best.record["pruned"].get("test_samples") or 0
+    if not n:
+        return f"; next: job {runner.number}, {gap:.2f} pts lower"
+    half = 100 * 1.96 * math.sqrt(max(accuracy * (1 - accuracy), 1 / n) / n)
+    verdict = "within" if gap <= half else "beyond"
+    return (
+        f"; next: job {runner.number}, {gap:.2f} pts lower, {verdict} the test set's noise "
+        f"(+-{half:.2f} pts over {n} images)"
     )
 
 
