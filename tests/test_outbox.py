@@ -161,3 +161,25 @@ def test_a_new_run_finds_the_outboxes_that_ended_runs_of_this_host_left(tmp_path
         folder.mkdir(parents=True)
         Outbox(folder / OUTBOX_FILE, head | {"run_id": name}).add({"op": "batch", "tags": []})
     assert kept_elsewhere(tmp_path, uri) == [tmp_path / "runs" / "2026-12-06" / "ended"]
+
+
+def test_a_dataset_row_created_by_a_parallel_job_meanwhile_is_found_on_the_next_try():
+    from pipeline.tracking.outbox import send
+
+    class Racing:
+        calls = 0
+
+        def log_inputs(self, run_id, datasets):
+            Racing.calls += 1
+            if Racing.calls == 1:
+                raise RuntimeError(
+                    "(sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id, "
+                    "datasets.name, datasets.digest"
+                )
+
+    record = {
+        "name": "digits", "digest": "abc", "source_type": "code",
+        "source": {"tags": {}}, "profile": {"train": 1},
+    }  # fmt: skip
+    send(Racing(), "run", {"op": "dataset", "dataset": record})
+    assert Racing.calls == 2

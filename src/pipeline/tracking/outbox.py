@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 OUTBOX_FILE = "tracking_outbox.jsonl"
 RETRY_S = 5.0  # seconds between two tries to reach a server that stopped answering
+DATASET_TRIES = 5
 
 # MLflow's REST client: a server that is down, restarting or overloaded, after its own retries.
 _UNREACHABLE = re.compile(
@@ -64,7 +65,16 @@ def send(client, run_id: str, op: dict[str, Any]) -> str | None:
     elif kind == "dataset":
         from pipeline.tracking.dataset_input import dataset_input
 
-        client.log_inputs(run_id, datasets=[dataset_input(op["dataset"])])
+        # Parallel jobs on one SQLite store create the same dataset row at the same moment:
+        # the loser of that race finds the row on its next try.
+        for attempt in range(DATASET_TRIES):
+            try:
+                client.log_inputs(run_id, datasets=[dataset_input(op["dataset"])])
+                break
+            except Exception as error:
+                if "UNIQUE constraint failed" not in str(error) or attempt == DATASET_TRIES - 1:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
     elif kind == "model":
         from pipeline.tracking.logged_model import send_model
 
