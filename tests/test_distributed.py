@@ -217,3 +217,23 @@ def test_every_gpu_trains_in_bf16_under_torchrun(tmp_path):
     (record_file,) = tmp_path.glob("runs/*/*/measurements.json")
     record = json.loads(record_file.read_text())
     assert record["device"] == "cuda" and record["config"]["trainer"]["precision"] == "bf16-mixed"
+
+
+@pytest.mark.slow
+def test_submitit_tasks_train_one_job_data_parallel(tmp_path):
+    """The Slurm path as far as it runs here: Submitit's local executor starts the job's two
+    tasks, and Submitit's helper gives them their rendezvous."""
+    from mlflow import MlflowClient
+
+    result = run_cli(
+        "-m", "hydra/launcher=submitit_local", "hydra.launcher.tasks_per_node=2", "trainer=ddp",
+        *TINY, "sparsity=0.15", f"paths.output_root={tmp_path}", cwd=ROOT,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    (record_file,) = tmp_path.glob("sweeps/*/*/0/measurements.json")
+    record = json.loads(record_file.read_text())
+    assert all(row["parameter_hash"] for row in record["finetune_history"])
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("pruning").experiment_id])
+    (job,) = [run for run in runs if run.data.tags.get("sweep") != "true"]
+    assert job.info.status == "FINISHED" and job.data.tags["trainer.world_size"] == "2"

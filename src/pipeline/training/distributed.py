@@ -53,11 +53,13 @@ SINGLE = World()
 
 
 def launched_world() -> World:
-    """The world torchrun (RANK, WORLD_SIZE, LOCAL_RANK) or Slurm (SLURM_PROCID, SLURM_NTASKS,
-    SLURM_LOCALID) started this process in; SINGLE when neither did."""
+    """The world torchrun (RANK, WORLD_SIZE, LOCAL_RANK), Slurm (SLURM_PROCID, SLURM_NTASKS,
+    SLURM_LOCALID) or Submitit's local executor started this process in; SINGLE when none
+    did."""
     for rank, size, local in (
         ("RANK", "WORLD_SIZE", "LOCAL_RANK"),
         ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"),
+        ("SUBMITIT_LOCAL_GLOBALID", "SUBMITIT_LOCAL_NTASKS", "SUBMITIT_LOCAL_LOCALID"),
     ):
         if size in os.environ and rank in os.environ:
             return World(
@@ -85,7 +87,7 @@ def check_launch(settings, args: list[str] | None = None) -> None:
                 f"trainer.devices={world.size}, or one process without torchrun"
             )
         return
-    if not world.distributed and expected > 1:
+    if not world.distributed and expected > 1 and not _submitit_launcher(args):
         shown = " ".join(args if args is not None else sys.argv[1:]) or "trainer=ddp"
         nodes = f"--nnodes={trainer.num_nodes} " if trainer.num_nodes > 1 else ""
         raise ConfigError(
@@ -114,6 +116,15 @@ def check_launch(settings, args: list[str] | None = None) -> None:
             )
 
 
+def _submitit_launcher(args: list[str] | None) -> bool:
+    """A command line whose launcher starts the job's tasks itself (Submitit, tasks_per_node):
+    the check runs again in each task, where the world is known."""
+    import sys
+
+    given = args if args is not None else sys.argv[1:]
+    return any(arg.startswith("hydra/launcher=submitit") for arg in given)
+
+
 def start(trainer, device: torch.device) -> tuple[World, torch.device]:
     """Join the process group of a data-parallel job (nothing for one process); returns the
     world and this rank's device (its own GPU on CUDA)."""
@@ -123,9 +134,11 @@ def start(trainer, device: torch.device) -> tuple[World, torch.device]:
         return SINGLE, device
     import torch.distributed as dist
 
-    if "SLURM_PROCID" in os.environ and "MASTER_ADDR" not in os.environ:
-        # A Slurm job's tasks (hydra/launcher=submitit_slurm): Submitit's own helper exports
-        # the address and port of the first node, from the job's node list and id.
+    submitit = "SLURM_PROCID" in os.environ or "SUBMITIT_LOCAL_GLOBALID" in os.environ
+    if submitit and "MASTER_ADDR" not in os.environ:
+        # A Submitit job's tasks (hydra/launcher=submitit_slurm or submitit_local with
+        # tasks_per_node): Submitit's own helper exports the address and port of the first
+        # node, from the job's node list and id.
         from submitit.helpers import TorchDistributedEnvironment
 
         TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
