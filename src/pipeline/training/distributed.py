@@ -89,7 +89,8 @@ def check_launch(settings, args: list[str] | None = None) -> None:
         return
     if not world.distributed and expected > 1 and not _submitit_launcher(args):
         shown = " ".join(args if args is not None else sys.argv[1:]) or "trainer=ddp"
-        nodes = f"--nnodes={trainer.num_nodes} " if trainer.num_nodes > 1 else ""
+        # --standalone: a rendezvous on a free port of this machine (two jobs do not meet)
+        nodes = f"--nnodes={trainer.num_nodes} " if trainer.num_nodes > 1 else "--standalone "
         raise ConfigError(
             f"trainer=ddp runs one process per device, started by torchrun: torchrun "
             f"{nodes}--nproc-per-node={trainer.devices} -m pipeline {shown}"
