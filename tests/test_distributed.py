@@ -95,7 +95,8 @@ def test_trainer_ddp_without_torchrun_is_refused_with_the_command(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
         "error: trainer=ddp runs one process per device, started by torchrun: torchrun "
-        f"--standalone --nproc-per-node=2 -m pipeline trainer=ddp sparsity=0.3 paths.output_root={tmp_path}"
+        "--standalone --nproc-per-node=2 -m pipeline trainer=ddp sparsity=0.3 "
+        f"paths.output_root={tmp_path}"
     )
 
 
@@ -207,7 +208,8 @@ def test_every_gpu_trains_in_bf16_under_torchrun(tmp_path):
     count = torch.cuda.device_count()
     job = subprocess.run(
         [
-            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={count}",
+            sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc-per-node={count}",
             "-m", "pipeline", "trainer=ddp", f"trainer.devices={count}", "device=cuda",
             "trainer.precision=bf16-mixed", *TINY, f"baseline.batch_size={16 * count}",
             f"finetune.batch_size={16 * count}", f"paths.output_root={tmp_path}",
