@@ -37,9 +37,22 @@ def test_run_writes_measurements_and_a_smaller_model(tiny, tmp_path, capsys):
     assert "accuracy (top-1)" in out and "params" in out and "latency p50" in out
 
 
-def test_without_tracking_the_run_still_records_resources_and_plots(tiny, tmp_path):
-    run(tiny("tracking=none", "tracking.sample_interval_s=0.2"), tmp_path / "run")
+def test_without_tracking_the_run_still_records_resources_and_plots(tiny, tmp_path, capsys):
+    overrides = ("tracking=none", "tracking.sample_interval_s=0.2", "measure.batch_sizes=[4,1]")
+    run(tiny(*overrides), tmp_path / "run")
     saved = json.loads((tmp_path / "run" / "measurements.json").read_text())
+    # Each batch size timed in its own paired rounds, the smallest first as the headline.
+    rows = saved["latency_by_batch"]
+    assert [row["batch_size"] for row in rows] == [1, 4]
+    for row in rows:
+        assert row["ci_low"] <= row["ratio"] <= row["ci_high"] and row["rounds"] > 1
+        assert row["baseline_ms"]["p50"] > 0 and row["pruned_ms"]["p50"] > 0
+        assert "peak_memory_mb" not in row  # CUDA only
+    assert rows[1]["baseline_ms"]["p50"] > rows[0]["baseline_ms"]["p50"]
+    assert saved["latency_ratio"]["ratio"] == rows[0]["ratio"]
+    assert saved["baseline"]["latency_batch_size"] == 1
+    out = capsys.readouterr().out
+    assert "latency p50 (cpu, ms), batch 1 " in out and "latency p50 (cpu, ms), batch 4 " in out
     assert set(saved["resources"]) == {"baseline", "prune", "speedup", "finetune", "measure"}
     for stage, summary in saved["resources"].items():
         assert summary["peak_rss_mb"] > 100, f"{stage}: {summary}"  # torch alone is larger

@@ -353,6 +353,22 @@ def synthetic_record(sparsity: float, device: str = "cuda") -> dict:
             "rounds": 20,
             "load_average": {"before": 0.1, "after": 0.1, "cpus": 16},
         },  # fmt: skip
+        # Launch-bound at batch 1, following the MACs at 64.
+        "latency_by_batch": [
+            {
+                "batch_size": size,
+                "ratio": ratio,
+                "ci_low": ratio - 0.02,
+                "ci_high": ratio + 0.02,
+                "measurable": True,
+                "noisy": False,
+                "rounds": 20,
+                "baseline_ms": {"p50": 2.0 * size},
+                "pruned_ms": {"p50": 2.0 * size * ratio},
+                "peak_memory_mb": {"baseline": 10.0 * size, "pruned": 10.0 * size * (1 - sparsity)},
+            }
+            for size, ratio in ((1, 0.99), (8, 0.5 + sparsity), (64, 1 - sparsity))
+        ],  # fmt: skip
         "per_class": {
             "classes": 2,
             "support": [10, 10],
@@ -389,6 +405,15 @@ def test_report_on_cuda_runs_shows_gpu_utilisation_and_memory(tmp_path):
     }
     # Class 0 lost recall for both models: marked; class 1 did not fall.
     assert "class 0 -20.0 pts" in text
+    rows = table_rows(text, "## Latency at each batch size")
+    assert [(row["model"], row["batch"]) for row in rows] == [
+        (model, size) for model in ("APoZRank s=0.2", "APoZRank s=0.5") for size in ("1", "8", "64")
+    ]
+    at_64 = rows[-1]  # sparsity 0.5: a latency ratio of 0.5 and a MACs ratio of 0.5
+    assert at_64["latency ratio [95 % CI]"] == "0.500 [0.480, 0.520]"
+    assert at_64["MACs ratio"] == "0.500" and at_64["latency / MACs"] == "1.00"
+    assert at_64["peak GPU memory, MiB (ratio)"] == "640.0 → 320.0 (0.500)"
+    assert "latency_by_batch.png" in referenced_images(text)
     for name in referenced_images(text):
         assert (tmp_path / "out" / name).read_bytes()[:8] == PNG_MAGIC
     assert "No fine-tuning epoch ran" in text
@@ -398,9 +423,10 @@ def test_runs_measured_before_per_class_counts_still_get_a_report(tmp_path):
     from pipeline.report.build import build_report
 
     record = synthetic_record(0.3, device="cpu")
-    del record["per_class"], record["inference_resources"]
+    del record["per_class"], record["inference_resources"], record["latency_by_batch"]
     markdown, _ = build_report([RunRecord(record, "old")], tmp_path / "out")
     text = markdown.read_text()
+    assert "No latency at each batch size in these runs" in text
     assert "No per-class counts in these runs" in text
     assert "No resource use during inference in these runs" in text
     for name in referenced_images(text):

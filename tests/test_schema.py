@@ -64,6 +64,28 @@ from pipeline.errors import ConfigError
             "[{layers: 'classifier.*', factor: 1.5}]",
         ),
         (
+            "measure.batch_sizes=[1,1]",
+            "measure.batch_sizes='<given value>' is not allowed; allowed values: null (the "
+            "device's default: [1] on the CPU, [1, 8, 64] on CUDA) or a list of distinct integers "
+            ">= 1, e.g. [1, 8, 64]",
+        ),
+        (
+            "measure.batch_sizes=[0,8]",
+            "measure.batch_sizes='<given value>' is not allowed; allowed values: null (the "
+            "device's default: [1] on the CPU, [1, 8, 64] on CUDA) or a list of distinct integers "
+            ">= 1, e.g. [1, 8, 64]",
+        ),
+        (
+            "measure.precision=int8",
+            "measure.precision='int8' is not allowed; allowed values: fp32, bf16, fp16",
+        ),
+        (
+            "measure.runtime=onnxruntime measure.precision=bf16",
+            "measure.precision=bf16 cannot run with measure.runtime=onnxruntime, whose export is "
+            "fp32; allowed values: measure.precision=fp32 with it, or "
+            "measure.runtime=eager|jit_freeze|compile with bf16",
+        ),
+        (
             "pruner.recalibration_batches=-1",
             "pruner.recalibration_batches=-1 is not allowed; allowed values: an integer >= 0",
         ),
@@ -71,7 +93,7 @@ from pipeline.errors import ConfigError
 )
 def test_bad_settings_fail_with_one_line_naming_key_and_allowed_values(tiny, override, expected):
     with pytest.raises(ConfigError) as caught:
-        tiny(override)
+        tiny(*override.split())
     assert str(caught.value) == expected
 
 

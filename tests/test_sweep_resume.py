@@ -126,6 +126,11 @@ def test_an_option_left_at_its_neutral_value_keeps_earlier_runs_and_baselines_va
     assert baseline_cache_path(base) == baseline_cache_path(clipped)
     trained_clipped = settings_from(compose(["baseline.max_grad_norm=1.0"]))
     assert baseline_cache_path(base) != baseline_cache_path(trained_clipped)
+    # measure.precision came later; fp32 is what every earlier run measured in.
+    assert "precision" not in identity_settings(base)["measure"]
+    half = settings_from(compose(["measure.precision=bf16"]))
+    assert config_identity(half) != config_identity(base)
+    assert baseline_cache_path(half) == baseline_cache_path(base)
 
 
 def test_without_tracking_finished_runs_are_found_in_the_output_folder(tmp_path):
@@ -194,6 +199,34 @@ def test_summary_marks_the_pareto_rows_and_lists_every_job(tmp_path):
     summary, plot, text = write_summary(tmp_path, outcomes)
     assert summary.read_text().count("\n| ") == 7  # header + baseline + 5 jobs
     assert plot is not None and plot.stat().st_size > 10_000
+
+
+def test_summary_has_a_latency_column_for_each_further_batch_size(tmp_path):
+    timed = fake_record(0.2, 0.93, 5e6)
+    timed["latency_by_batch"] = [
+        timed["latency_ratio"] | {"batch_size": 1},
+        {"batch_size": 64, "ratio": 0.61, "ci_low": 0.6, "ci_high": 0.62, "noisy": True},
+    ]
+    outcomes = [
+        JobOutcome("0", "finished", ["sparsity=0.2"], timed, None, "apoz"),
+        JobOutcome("1", "finished", ["sparsity=0.1"], fake_record(0.1, 0.94, 6e6), None, "apoz"),
+        JobOutcome("2", "failed", ["sparsity=0.9"], None, "CUDA out of memory", "apoz"),
+    ]
+    _, _, text = write_summary(tmp_path, outcomes)
+    rows = table_of(text)
+    assert [row["latency ratio, batch 64"] for row in rows] == [
+        "1",
+        "0.610 [0.600, 0.620] noisy",
+        "",
+        "",
+    ]
+    assert rows[3]["status"] == "failed: CUDA out of memory"  # the columns stay aligned
+
+
+def table_of(markdown: str) -> list[dict[str, str]]:
+    lines = [line for line in markdown.splitlines() if line.startswith("| ")]
+    cells = lambda line: [cell.strip() for cell in line.strip("|").split(" | ")]  # noqa: E731
+    return [dict(zip(cells(lines[0]), cells(line), strict=True)) for line in lines[1:]]
 
 
 def test_presets_run_as_sweeps_and_their_jobs_are_checked_first():

@@ -76,6 +76,10 @@ def test_sweep_gives_a_parent_and_finished_children(sweep_store):
         "latency_ratio",
         "latency_ratio_ci_low",
         "latency_ratio_ci_high",
+        "latency_ratio_b1",  # one set per batch size timed: batch 1 on the CPU by default
+        "latency_ratio_b1_ci_low",
+        "pruned.latency_p50_ms_b1",
+        "baseline.latency_p50_ms_b1",
     ):
         assert children[f"metrics.{metric}"].notna().all(), metric
     # A sparser model has fewer parameters.

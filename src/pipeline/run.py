@@ -129,7 +129,9 @@ def run(
                 precision,
             )
             if world.main:
-                baseline_quality = quality(base.model, test_loader, baseline_inputs)
+                baseline_quality = quality(
+                    base.model, test_loader, baseline_inputs, settings.measure
+                )
         if base.convergence is not None:
             tracker.set_tags({"baseline.converged": str(base.convergence.converged).lower()})
 
@@ -381,6 +383,20 @@ def final_metrics(record: dict) -> dict[str, float]:
         "latency_ratio_ci_low": ratio["ci_low"],
         "latency_ratio_ci_high": ratio["ci_high"],
     }
+    for row in record.get("latency_by_batch", []):  # absent from records before batch sizes
+        size = f"_b{row['batch_size']}"
+        metrics |= {
+            f"latency_ratio{size}": row["ratio"],
+            f"latency_ratio{size}_ci_low": row["ci_low"],
+            f"latency_ratio{size}_ci_high": row["ci_high"],
+        }
+        for side in ("baseline", "pruned"):
+            metrics[f"{side}.latency_p50_ms{size}"] = row[f"{side}_ms"]["p50"]
+        memory = row.get("peak_memory_mb") or {}
+        if memory.get("baseline") and memory.get("pruned") is not None:
+            metrics[f"peak_memory_ratio{size}"] = memory["pruned"] / memory["baseline"]
+            for side in ("baseline", "pruned"):
+                metrics[f"{side}.peak_memory_mb{size}"] = memory[side]
     if record["baseline_convergence"] is not None:
         metrics["baseline.converged"] = float(record["baseline_convergence"]["converged"])
     for side in ("baseline", "pruned"):

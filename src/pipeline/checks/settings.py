@@ -68,6 +68,7 @@ def settings_from(cfg: DictConfig) -> RunSettings:
             raise ConfigError(f"{key}={shown!r} is not allowed; allowed values: {allowed}")
     check_config_list(OmegaConf.to_container(typed.pruner).get("config_list"))
     check_registration(typed.tracking, typed.search)
+    check_inference_precision(typed.measure)
     engine_for(typed.pruner).check(typed.pruner)
     asked_budget(typed.budget)
     for key in TARGETS:
@@ -118,6 +119,16 @@ def check_registration(tracking: Any, search: Any) -> None:
             "search.objective=pareto gives several; allowed values: search.objective=accuracy|"
             "constrained_sparsity with it, or tracking.register=each"
         )
+
+
+def check_inference_precision(measure: Any) -> None:
+    """measure.precision is one the runtime runs (onnxruntime's export is fp32)."""
+    from pipeline.measure.runtime_forms import check_precision
+
+    try:
+        check_precision(measure.runtime.value, measure.precision.value)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
 
 
 def check_target(key: str, path: Any) -> Any:

@@ -101,6 +101,14 @@ class Runtime(str, Enum):
     compile = "compile"  # torch.compile
 
 
+class InferencePrecision(str, Enum):
+    """The number format both models are evaluated and timed in (measure.precision)."""
+
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
 class DeviceChoice(str, Enum):
     auto = "auto"
     cpu = "cpu"
@@ -274,6 +282,14 @@ class FinetuneSettings(TrainingSettings):
     ema_decay: float = ranged(lambda v: 0 <= v < 1, "a number in [0, 1) (0: no averaging)")
 
 
+def _batch_sizes(value: Any) -> bool:
+    return value is None or (
+        len(value) > 0
+        and all(is_number(b) and int(b) == b and b >= 1 for b in value)
+        and len(set(value)) == len(value)
+    )
+
+
 @dataclass
 class MeasureSettings:
     warmup: int = ranged(lambda v: v >= 0, "an integer >= 0")
@@ -286,6 +302,18 @@ class MeasureSettings:
     runtime: Runtime = MISSING
     fold_bn: bool = MISSING
     channels_last: bool = MISSING
+    # fp32 | bf16 | fp16: weights and inputs cast for accuracy and timing, both models alike
+    precision: InferencePrecision = ranged(
+        lambda v: True, "fp32, bf16, fp16", InferencePrecision.fp32
+    )
+    # The batch sizes both models are timed at, each in its own alternating rounds; null: the
+    # device's default (pipeline.stages.measure.DEFAULT_BATCH_SIZES)
+    batch_sizes: list[int] | None = ranged(
+        _batch_sizes,
+        "null (the device's default: [1] on the CPU, [1, 8, 64] on CUDA) or a list of distinct "
+        "integers >= 1, e.g. [1, 8, 64]",
+        None,
+    )
 
 
 @dataclass

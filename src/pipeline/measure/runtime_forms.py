@@ -12,12 +12,16 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from pipeline.config.schema import Runtime
+from pipeline.config.schema import InferencePrecision, Runtime
 from pipeline.errors import RuntimeUnavailableError
 
 RUNTIMES = tuple(runtime.value for runtime in Runtime)
 # What a runtime imports beyond torch: the .[runtimes] extra (the exporter needs onnx too).
 RUNTIME_PACKAGES = {"onnxruntime": ("onnxruntime", "onnx")}
+PRECISIONS = tuple(precision.value for precision in InferencePrecision)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Runtimes that run only the fp32 graph they export (their own precision options are their own).
+FP32_ONLY_RUNTIMES = ("onnxruntime",)
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:
@@ -36,6 +40,33 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
                 module._modules[first] = fuse_conv_bn_eval(conv, bn)
                 module._modules[second] = nn.Identity()
     return model
+
+
+class CastModel(nn.Module):
+    """A model whose weights are cast to a lower precision, run on inputs cast to it, giving
+    float32 logits: how a deployment feeds an fp32 camera batch to a bf16 or fp16 network.
+    The two casts are part of every timed call, for the baseline and the pruned model alike."""
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.model = model.to(dtype)
+        self.dtype = dtype
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images.to(self.dtype)).float()
+
+
+def check_precision(runtime: str, precision: str) -> None:
+    """ValueError when `runtime` cannot run `precision`: onnxruntime's export is fp32."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision {precision!r}: allowed {', '.join(PRECISIONS)}")
+    if precision != "fp32" and runtime in FP32_ONLY_RUNTIMES:
+        allowed = ", ".join(r for r in RUNTIMES if r not in FP32_ONLY_RUNTIMES)
+        raise ValueError(
+            f"measure.precision={precision} cannot run with measure.runtime={runtime}, whose "
+            f"export is fp32; allowed values: measure.precision=fp32 with it, or "
+            f"measure.runtime={allowed.replace(', ', '|')} with {precision}"
+        )
 
 
 def require_runtime(runtime: str) -> None:
@@ -59,19 +90,24 @@ def inference_model(
     channels_last: bool = False,
     threads: int | None = None,
     batch_sizes: tuple[int, ...] = (1,),
+    precision: str = "fp32",
 ) -> nn.Module:
     """A copy of `model` prepared for timing; the original is left untouched. `threads`: the
     onnxruntime session's intra-op threads (None: its default); torch forms take theirs from
     the caller (pipeline.measure.latency.cpu_threads). `batch_sizes`: those it will be timed
-    at, which the compile runtime compiles for now."""
+    at, which the compile runtime compiles for now. `precision`: fp32, or bf16/fp16 for a
+    CastModel (BatchNorm folded in fp32 first, as a deployment's converter does)."""
     if runtime not in RUNTIMES:
         raise ValueError(f"runtime {runtime!r}: allowed {', '.join(RUNTIMES)}")
+    check_precision(runtime, precision)
     require_runtime(runtime)
     prepared = copy.deepcopy(model).eval()
     if fold_bn:
         fold_batchnorm(prepared)
     if channels_last:
         prepared = prepared.to(memory_format=torch.channels_last)
+    if precision != "fp32":
+        prepared = CastModel(prepared, DTYPES[precision])
     if runtime == "jit_freeze":
         with torch.no_grad():
             example = _example(prepared, input_shape, channels_last)

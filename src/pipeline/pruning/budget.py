@@ -288,10 +288,12 @@ def _latency_ratio(
     baseline: nn.Module, pruned: nn.Module, inputs: StageInputs, measure: MeasureSettings
 ) -> float:
     from pipeline.measure.uncertainty import latency_ratio
-    from pipeline.stages.measure import timed_pair
+    from pipeline.stages.measure import measured_batch_sizes, timed_pair
 
     repeats = max(measure.rounds, measure.repeats // 4)
-    pair = timed_pair(baseline, pruned, inputs.input_shape, inputs.device, measure, 1, repeats)
+    # The batch size of the headline ratio the measure stage reports, which the budget is met on.
+    batch = measured_batch_sizes(measure, inputs.device)[0]
+    pair = timed_pair(baseline, pruned, inputs.input_shape, inputs.device, measure, batch, repeats)
     return latency_ratio(pair.baseline_rounds, pair.pruned_rounds)["ratio"]
 
 

@@ -21,6 +21,7 @@ from pipeline.report.document import (
 )
 from pipeline.report.sources import ReportError, RunRecord
 from pipeline.report.tables import (
+    batch_table,
     per_class_table,
     resources_table,
     results_table,
@@ -55,6 +56,15 @@ def build_report(
             figures.accuracy_vs_macs(models, out / "accuracy_vs_macs.png"),
             "accuracy against MACs with the Pareto front",
         ),
+    )
+
+    document.add(Heading("Latency at each batch size"))
+    by_batch = figures.latency_by_batch(models, out / "latency_by_batch.png")
+    if by_batch is None:
+        document.add(Text(_older("latency at each batch size")))
+    document.add(
+        _image(by_batch, "latency ratio against batch size, one line per pruned model"),
+        batch_table(models),
     )
 
     document.add(Heading("Resource use during inference"))

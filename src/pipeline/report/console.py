@@ -52,8 +52,16 @@ def notes(record: dict) -> list[str]:
     load = ratio["load_average"]
     line = (
         f"latency: pruned/baseline {ratio['ratio']:.3f} [{ratio['ci_low']:.3f}, "
-        f"{ratio['ci_high']:.3f}] over {ratio['rounds']} alternating rounds"
+        f"{ratio['ci_high']:.3f}] at batch {ratio.get('batch_size', 1)} over {ratio['rounds']} "
+        "alternating rounds"
     )
+    others = [
+        str(row["batch_size"])
+        for row in record.get("latency_by_batch", [])[1:]
+        if row["noisy"] and not ratio["noisy"]
+    ]
+    if others:
+        line += f"; the intervals at batch {', '.join(others)} are too wide to trust"
     if ratio.get("busy_cores"):
         line += f"; {ratio['busy_cores']} of {load['cpus']} CPUs were busy with other work"
     if ratio["noisy"]:
@@ -65,11 +73,59 @@ def notes(record: dict) -> list[str]:
     return lines
 
 
-def summary_table(record: dict) -> str:
-    base, pruned, reduction = record["baseline"], record["pruned"], record["reduction_pct"]
+def latency_rows(record: dict, in_format: str = "") -> list[tuple[str, str, str, str]]:
+    """p50 of both models and the ratio with its interval at each batch size timed, then the
+    p90 at the smallest (a record from before batch sizes: batch 1 only)."""
+    base, pruned = record["baseline"], record["pruned"]
+    device = base["latency_device"]
+    by_batch = record.get("latency_by_batch") or [
+        {
+            "batch_size": 1,
+            "baseline_ms": base["latency_ms"],
+            "pruned_ms": pruned["latency_ms"],
+        }
+        | record["latency_ratio"]
+    ]
     rows = [
         (
-            "accuracy (top-1)",
+            f"latency p50 ({device}{in_format}, ms), batch {row['batch_size']}",
+            f"{row['baseline_ms']['p50']:.2f}",
+            f"{row['pruned_ms']['p50']:.2f}",
+            latency_cell(row),
+        )
+        for row in by_batch
+    ]
+    rows.append(
+        (
+            f"latency p90 (ms), batch {by_batch[0]['batch_size']}",
+            f"{base['latency_ms']['p90']:.2f}",
+            f"{pruned['latency_ms']['p90']:.2f}",
+            "",
+        )
+    )
+    for row in by_batch:
+        memory = row.get("peak_memory_mb") or {}
+        if memory.get("baseline") and memory.get("pruned") is not None:
+            rows.append(
+                (
+                    f"peak GPU memory (MiB), batch {row['batch_size']}",
+                    f"{memory['baseline']:.1f}",
+                    f"{memory['pruned']:.1f}",
+                    f"{100 * (memory['pruned'] / memory['baseline'] - 1):+.1f}%",
+                )
+            )
+    return rows
+
+
+def summary_table(record: dict) -> str:
+    base, pruned, reduction = record["baseline"], record["pruned"], record["reduction_pct"]
+    # A format other than fp32 (measure.precision) is named where it applies; records made
+    # before the option have no entry and were fp32.
+    precision = base.get("runtime", {}).get("precision", "fp32")
+    in_format = "" if precision == "fp32" else f", {precision}"
+    rows = [
+        (
+            f"accuracy (top-1{in_format})",
             f"{base['accuracy']:.4f}",
             f"{pruned['accuracy']:.4f}",
             accuracy_cell(record["accuracy_change"]),
@@ -88,18 +144,7 @@ def summary_table(record: dict) -> str:
             _fmt_int(pruned["size_bytes"]),
             f"{-reduction['size_bytes']:+.1f}%",
         ),
-        (
-            f"latency p50 ({base['latency_device']}, ms)",
-            f"{base['latency_ms']['p50']:.2f}",
-            f"{pruned['latency_ms']['p50']:.2f}",
-            latency_cell(record["latency_ratio"]),
-        ),
-        (
-            "latency p90 (ms)",
-            f"{base['latency_ms']['p90']:.2f}",
-            f"{pruned['latency_ms']['p90']:.2f}",
-            "",
-        ),
+        *latency_rows(record, in_format),
         ("throughput (img/s)", f"{base['throughput']:.1f}", f"{pruned['throughput']:.1f}", ""),
     ]
     header = ("metric", "baseline", "pruned", "change")

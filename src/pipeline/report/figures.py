@@ -270,6 +270,47 @@ def accuracy_vs_macs(models: list[Model], path: Path) -> Path:
     return _save(figure, path)
 
 
+def latency_by_batch(models: list[Model], path: Path) -> Path | None:
+    """The pruned/baseline latency ratio against batch size, one line per pruned model with its
+    95 % intervals, and the model's MACs ratio as a dotted line of its colour: where a line
+    meets its dotted line, latency follows the MACs."""
+    measured = [m for m in models if not m.is_baseline and m.record.get("latency_by_batch")]
+    if not measured:
+        return None
+    figure, ax = plt.subplots(figsize=(8, 4.8))
+    sizes = sorted({row["batch_size"] for m in measured for row in m.record["latency_by_batch"]})
+    for model in measured:
+        rows = model.record["latency_by_batch"]
+        style = line_style(models, model)
+        x = [row["batch_size"] for row in rows]
+        y = [row["ratio"] for row in rows]
+        yerr = [
+            [row["ratio"] - row["ci_low"] for row in rows],
+            [row["ci_high"] - row["ratio"] for row in rows],
+        ]
+        ax.errorbar(x, y, yerr=yerr, capsize=3, **style)
+        macs = model.record["pruned"]["macs"] / model.record["baseline"]["macs"]
+        ax.axhline(macs, color=style["color"], linestyle=":", linewidth=1.2)
+    ax.axhline(1.0, color="0.3", linestyle="--", linewidth=1.0, label="baseline (ratio 1)")
+    ax.plot([], [], color="0.4", linestyle=":", label="each model's MACs ratio")
+    if len(sizes) > 1:
+        ax.set_xscale("log", base=2)
+    ax.set_xticks(sizes, [str(size) for size in sizes])
+    ax.minorticks_off()
+    ax.margins(x=0.15)
+    device = measured[0].record["pruned"].get("latency_device", "?")
+    ax.set(
+        xlabel="batch size",
+        ylabel="latency, pruned / baseline",
+        title=f"Latency ratio against batch size on {device} (95 % intervals)",
+    )
+    bottom, top = ax.get_ylim()
+    ax.set_ylim(min(bottom, 0.0), max(top, 1.1))
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    return _save(figure, path)
+
+
 def inference_resources(models: list[Model], path: Path) -> Path | None:
     """One panel per series (GPU utilisation and memory on CUDA, CPU and RSS otherwise), one
     line per model, over the seconds each model ran inference alone."""

@@ -52,6 +52,29 @@ def _latency(record: dict) -> str:
     return f"{ratio['ratio']:.3f} [{ratio['ci_low']:.3f}, {ratio['ci_high']:.3f}]{noisy}"
 
 
+def extra_batch_sizes(outcomes: list[JobOutcome]) -> list[int]:
+    """The batch sizes some job timed beyond its headline one: a column each."""
+    sizes = {
+        row["batch_size"]
+        for o in outcomes
+        if o.record is not None
+        for row in o.record.get("latency_by_batch", [])[1:]
+    }
+    return sorted(sizes)
+
+
+def columns(extra: list[int]) -> list[str]:
+    at = COLUMNS.index("latency ratio (95 % CI)") + 1
+    return [*COLUMNS[:at], *(f"latency ratio, batch {b}" for b in extra), *COLUMNS[at:]]
+
+
+def _batch_latency(record: dict, size: int) -> str:
+    for row in record.get("latency_by_batch", []):
+        if row["batch_size"] == size:
+            return _latency(record | {"latency_ratio": row})
+    return ""
+
+
 def _model_cells(side: dict) -> list[str]:
     return [
         f"{100 * side['accuracy']:.2f} %",
@@ -62,7 +85,9 @@ def _model_cells(side: dict) -> list[str]:
 
 
 def summary_rows(outcomes: list[JobOutcome]) -> list[list[str]]:
-    """The table's rows: the baseline (of the first job with a record), then every job."""
+    """The table's rows: the baseline (of the first job with a record), then every job; a
+    latency column for each batch size beyond the headline one (`columns`)."""
+    extra = extra_batch_sizes(outcomes)
     measured = [o for o in outcomes if o.record is not None]
     front = pareto_front(
         [(o.record["pruned"]["macs"], o.record["pruned"]["accuracy"]) for o in measured]
@@ -73,14 +98,16 @@ def summary_rows(outcomes: list[JobOutcome]) -> list[list[str]]:
         base = measured[0].record["baseline"]
         accuracy, params, macs, size = _model_cells(base)
         rows.append(
-            ["-", "baseline", "-", "-", "-", "0", accuracy, "", params, macs, size, "1", "", "", ""]
+            ["-", "baseline", "-", "-", "-", "0", accuracy, "", params, macs, size, "1"]
+            + ["1"] * len(extra)
+            + ["", "", ""]
         )
     for outcome in outcomes:
         record = outcome.record
         overrides = swept(outcome, outcomes)
         if record is None:
             reason = outcome.status + (f": {outcome.error}" if outcome.error else "")
-            rows.append([outcome.number, overrides, *[""] * 11, reason, ""])
+            rows.append([outcome.number, overrides, *[""] * (11 + len(extra)), reason, ""])
             continue
         config = record["config"]
         accuracy, params, macs, size = _model_cells(record["pruned"])
@@ -99,6 +126,7 @@ def summary_rows(outcomes: list[JobOutcome]) -> list[list[str]]:
                 macs,
                 size,
                 _latency(record),
+                *(_batch_latency(record, size) for size in extra),
                 str(len(record.get("finetune_history") or [])),
                 outcome.status,
                 "yes" if on_front[id(outcome)] else "",
@@ -107,14 +135,17 @@ def summary_rows(outcomes: list[JobOutcome]) -> list[list[str]]:
     return rows
 
 
-def markdown(rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+def markdown(rows: list[list[str]], extra: list[int] | None = None) -> str:
+    header = columns(extra or [])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell.replace("|", "/") for cell in row) + " |" for row in rows]
     notes = [
         "",
         "accuracy: top-1 on the test split; change: pruned minus baseline on the same images, "
         "with its 95 % bootstrap interval (ns: the interval holds 0). Latency ratio: "
-        "pruned/baseline p50 at batch 1, with its 95 % interval. Pareto: no other job is at least "
+        "pruned/baseline p50 at the smallest batch size timed (batch 1 unless "
+        "measure.batch_sizes says otherwise; other batch sizes in their own columns), with its "
+        "95 % interval. Pareto: no other job is at least "
         "as accurate with no more MACs. skipped: finished before with the same settings.",
     ]
     return "\n".join(lines + notes) + "\n"
@@ -131,7 +162,10 @@ def pareto_plot(outcomes: list[JobOutcome], path: Path) -> Path | None:
         axes,
         [
             ("MACs (millions)", lambda side: side["macs"] / 1e6),
-            ("latency p50, batch 1 (ms)", lambda side: side["latency_ms"]["p50"]),
+            (
+                f"latency p50, batch {base.get('latency_batch_size', 1)} (ms)",
+                lambda side: side["latency_ms"]["p50"],
+            ),
         ],
         strict=True,
     ):
@@ -171,7 +205,7 @@ def pareto_plot(outcomes: list[JobOutcome], path: Path) -> Path | None:
 
 def write_summary(sweep_dir: Path, outcomes: list[JobOutcome]) -> tuple[Path, Path | None, str]:
     """summary.md and the Pareto PNG in the sweep folder; returns them and the table's text."""
-    text = markdown(summary_rows(outcomes))
+    text = markdown(summary_rows(outcomes), extra_batch_sizes(outcomes))
     summary = Path(sweep_dir) / SUMMARY_FILE
     with atomic_path(summary) as staging:
         staging.write_text(f"# Sweep summary: {sweep_dir}\n\n{text}")

@@ -101,6 +101,74 @@ def results_table(models: list[Model]) -> Table:
     )
 
 
+def batch_sizes(models: list[Model]) -> list[int]:
+    """Every batch size some pruned model was timed at (measure.batch_sizes)."""
+    return sorted(
+        {
+            row["batch_size"]
+            for m in models
+            if not m.is_baseline
+            for row in m.record.get("latency_by_batch", [])
+        }
+    )
+
+
+def batch_table(models: list[Model]) -> Table | None:
+    """Per pruned model and batch size: both models' p50, the ratio with its interval, the
+    MACs ratio it would follow if latency tracked MACs, and on CUDA the peak memory ratio."""
+    sizes = batch_sizes(models)
+    if not sizes:
+        return None
+    rows: list[list[Cell]] = []
+    for model in (m for m in models if not m.is_baseline):
+        record = model.record
+        macs = record["pruned"]["macs"] / record["baseline"]["macs"]
+        for row in record.get("latency_by_batch", []):
+            memory = row.get("peak_memory_mb") or {}
+            peak = (
+                f"{memory['baseline']:.1f} → {memory['pruned']:.1f} "
+                f"({memory['pruned'] / memory['baseline']:.3f})"
+                if memory.get("baseline") and memory.get("pruned") is not None
+                else "—"
+            )
+            rows.append(
+                [
+                    model.label,
+                    str(row["batch_size"]),
+                    f"{row['baseline_ms']['p50']:.2f}",
+                    f"{row['pruned_ms']['p50']:.2f}",
+                    f"{row['ratio']:.3f} [{row['ci_low']:.3f}, {row['ci_high']:.3f}]"
+                    + (" noisy" if row["noisy"] else ""),
+                    f"{macs:.3f}",
+                    f"{row['ratio'] / macs:.2f}",
+                    peak,
+                ]
+            )
+    device = models[0].figures.get("latency_device", "?")
+    return Table(
+        header=[
+            "model",
+            "batch",
+            "baseline p50 (ms)",
+            "pruned p50 (ms)",
+            "latency ratio [95 % CI]",
+            "MACs ratio",
+            "latency / MACs",
+            "peak GPU memory, MiB (ratio)",
+        ],
+        rows=rows,
+        caption=(
+            f"Latency on {device} at each batch size timed (measure.batch_sizes): the pruned/"
+            f"baseline ratio of alternating timing rounds at that batch size, with its 95 % "
+            f"interval. latency / MACs near 1: the pruned model is as much faster as it has "
+            f"fewer MACs; above 1, fixed costs per call (kernel launches, memory traffic) hold "
+            f"it back. Peak GPU memory: weights, input and PyTorch's peak allocation during one "
+            f"call (CUDA only)."
+        ),
+        name="batch_sizes",
+    )
+
+
 RESOURCE_SERIES = {
     "cpu": [("process_cpu_percent", "process CPU (%)"), ("process_rss_mb", "process RSS (MB)")],
     "cuda": [

@@ -27,7 +27,7 @@ from pipeline.measure.latency import (
     measure_latency_pair,
 )
 from pipeline.measure.resources import ResourceSampler
-from pipeline.measure.runtime_forms import inference_model, runtime_versions
+from pipeline.measure.runtime_forms import OnnxRuntimeModel, inference_model, runtime_versions
 from pipeline.measure.uncertainty import accuracy_change, latency_ratio
 from pipeline.models.stats import count_macs, count_params, size_bytes
 from pipeline.training.loop import evaluate
@@ -44,16 +44,34 @@ RESOURCE_MIN_CALLS = 3
 # Above this many classes the confusion matrix is not stored (its size grows as the square);
 # the per-class counts, which the precision/recall table needs, always are.
 MAX_CONFUSION_CLASSES = 50
+# measure.batch_sizes when it is null: on a GPU a small model is launch-bound at batch 1, so
+# pruning shows at larger batches; on the CPU batch 1 already follows the MACs.
+DEFAULT_BATCH_SIZES = {"cpu": (1,), "cuda": (1, 8, 64)}
 # What `quality` gives per test image (and the class count), beside its summary figures.
 OUTCOME_KEYS = ("correct", "predicted", "labels", "classes")
 
 
-def quality(model: nn.Module, test_loader: Iterable, inputs: StageInputs) -> dict:
+def quality(
+    model: nn.Module,
+    test_loader: Iterable,
+    inputs: StageInputs,
+    settings: MeasureSettings | None = None,
+) -> dict:
     """Test top-1/top-5/loss plus parameters, MACs and size in bytes; `correct`, `predicted`
     and `labels` hold each test image's outcome (for the paired comparison and the per-class
-    counts; `measure` keeps them out of the record)."""
+    counts; `measure` keeps them out of the record). With measure.precision other than fp32
+    the accuracy is that of the form that is timed (cast, BatchNorm folded as measure.fold_bn
+    says); parameters, MACs and size are the fp32 model's."""
     device = inputs.device
-    result = evaluate(model.to(device), test_loader, inputs.criterion, device, desc="test")
+    evaluated = model.to(device)
+    if settings is not None and settings.precision.value != "fp32":
+        evaluated = inference_model(
+            evaluated,
+            inputs.input_shape,
+            fold_bn=settings.fold_bn,
+            precision=settings.precision.value,
+        )
+    result = evaluate(evaluated, test_loader, inputs.criterion, device, desc="test")
     return {
         "accuracy": result.accuracy,
         "top5": result.top5,
@@ -86,6 +104,7 @@ def prepared(
         settings.channels_last,
         settings.threads,
         batch_sizes,
+        settings.precision.value,
     )
 
 
@@ -166,6 +185,12 @@ def _latency_report(stats: LatencyStats) -> dict:
     return {"p50": stats.p50, "p90": stats.p90, "mean": stats.mean, "stdev": stats.stdev}
 
 
+def measured_batch_sizes(settings: MeasureSettings, device: torch.device) -> tuple[int, ...]:
+    """measure.batch_sizes in ascending order, or the device's default when it is null."""
+    chosen = settings.batch_sizes or DEFAULT_BATCH_SIZES.get(device.type, (1,))
+    return tuple(sorted(int(b) for b in chosen))
+
+
 def speed(
     baseline: nn.Module,
     pruned: nn.Module,
@@ -173,12 +198,18 @@ def speed(
     device: torch.device,
     settings: MeasureSettings,
     busy: int = 0,
-) -> tuple[dict, dict, dict]:
-    """Batch-1 latency and large-batch throughput of both models (already in their inference
-    form, `prepared`), timed in alternating rounds; returns each model's figures and the
-    comparison (ratio, interval, load). `busy`: CPUs other processes kept busy just before."""
+) -> tuple[dict, dict, dict, list[dict]]:
+    """Latency at each of measure.batch_sizes and large-batch throughput of both models
+    (already in their inference form, `prepared`), timed in alternating rounds; returns each
+    model's figures at the smallest batch size, their comparison there (ratio, interval, load)
+    and one row per batch size (both models' latency, the ratio and its interval; on CUDA the
+    peak memory of a call). `busy`: CPUs other processes kept busy just before."""
     load_before = os.getloadavg()[0]
-    single = _time_prepared(baseline, pruned, input_shape, device, settings, 1, None)
+    sizes = measured_batch_sizes(settings, device)
+    timings = {
+        size: _time_prepared(baseline, pruned, input_shape, device, settings, size, None)
+        for size in sizes
+    }
     batched = _time_prepared(
         baseline,
         pruned,
@@ -191,23 +222,73 @@ def speed(
     load_after = os.getloadavg()[0]
     common = {
         "latency_device": device.type,
+        "latency_batch_size": sizes[0],
         "runtime": {
             "name": settings.runtime.value,
             "fold_bn": settings.fold_bn,
             "channels_last": settings.channels_last,
+            "precision": settings.precision.value,
         }
         | runtime_versions(baseline),
         "threads": torch.get_num_threads() if settings.threads is None else settings.threads,
     }
-    ratio = latency_ratio(single.baseline_rounds, single.pruned_rounds)
-    ratio["noisy"] = bool(ratio["ci_high"] / ratio["ci_low"] > NOISY_INTERVAL or busy > 0)
+    rows = []
+    for size, timing in timings.items():
+        row = {"batch_size": size} | latency_ratio(timing.baseline_rounds, timing.pruned_rounds)
+        row["noisy"] = bool(row["ci_high"] / row["ci_low"] > NOISY_INTERVAL or busy > 0)
+        row["baseline_ms"] = _latency_report(timing.baseline)
+        row["pruned_ms"] = _latency_report(timing.pruned)
+        if device.type == "cuda":
+            row["peak_memory_mb"] = {
+                side: peak_memory_mb(form, input_shape, device, size, settings.channels_last)
+                for side, form in (("baseline", baseline), ("pruned", pruned))
+            }
+        rows.append(row)
+    first = timings[sizes[0]]
+    ratio = {k: v for k, v in rows[0].items() if k not in ("baseline_ms", "pruned_ms")}
     ratio["load_average"] = {"before": load_before, "after": load_after, "cpus": os.cpu_count()}
     ratio["busy_cores"] = busy
     sides = [
         {"latency_ms": _latency_report(stats), "throughput": many.throughput} | common
-        for stats, many in ((single.baseline, batched.baseline), (single.pruned, batched.pruned))
+        for stats, many in ((first.baseline, batched.baseline), (first.pruned, batched.pruned))
     ]
-    return sides[0], sides[1], ratio
+    return sides[0], sides[1], ratio, rows
+
+
+@torch.inference_mode()
+def peak_memory_mb(
+    form: nn.Module,
+    input_shape: tuple[int, ...],
+    device: torch.device,
+    batch_size: int,
+    channels_last: bool,
+) -> float | None:
+    """Peak CUDA memory of one call at `batch_size`, in MiB: the memory the form holds (its
+    weights, the input batch) plus the most PyTorch's allocator held beyond it during the call
+    (activations, workspace). None for onnxruntime, whose own arena PyTorch does not see."""
+    if isinstance(form, OnnxRuntimeModel):
+        return None
+    timer = CallTimer(form, input_shape, device, batch_size, channels_last)
+    timer()  # lazy initialisation (cuDNN plans, compiled graphs) is not the model's memory
+    torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()
+    held = held_bytes(form) + timer.batch.numel() * timer.batch.element_size()
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    timer()
+    torch.cuda.synchronize(device)
+    return (held + torch.cuda.max_memory_allocated(device) - before) / 2**20
+
+
+def held_bytes(form: nn.Module) -> int:
+    """The bytes of a form's weights and buffers; a frozen TorchScript form keeps them as
+    tensor constants of its graph, which it does not list as parameters."""
+    tensors = [*form.parameters(), *form.buffers()]
+    if not tensors and isinstance(form, torch.jit.ScriptModule):
+        constants = form.graph.findAllNodes("prim::Constant")
+        outputs = [node.output() for node in constants]
+        tensors = [o.toIValue() for o in outputs if o.type().kind() == "TensorType"]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 @torch.inference_mode()
@@ -306,16 +387,16 @@ def measure(
     seed: int = 0,
 ) -> dict:
     """Measure both models the same way, on the same test images as the baseline's quality."""
-    pruned_quality = quality(pruned_model, test_loader, inputs)
+    pruned_quality = quality(pruned_model, test_loader, inputs, settings)
     device, shape = inputs.device, inputs.input_shape
     # Other work on the CPUs (a second job, a build) stalls the threads of every layer; the
     # ratio then says more about layer counts than about widths. Say so instead of hiding it.
     busy = busy_cores() if device.type == "cpu" else 0
     # Prepared once (a BN-folded copy, traced and frozen with jit_freeze, exported to ONNX or
     # compiled) for every timing: batch-1 latency, then throughput and resource windows.
-    batch_sizes = (1, settings.throughput_batch_size)
+    batch_sizes = (*measured_batch_sizes(settings, device), settings.throughput_batch_size)
     forms = prepared_pair(baseline_model, pruned_model, shape, device, settings, batch_sizes)
-    base_speed, pruned_speed, ratio = speed(
+    base_speed, pruned_speed, ratio, by_batch = speed(
         forms["baseline"], forms["pruned"], shape, device, settings, busy
     )
     resources = inference_resources(forms, shape, device, settings)
@@ -342,6 +423,7 @@ def measure(
         "accuracy_drop_points": 100.0 * (baseline_report["accuracy"] - pruned_report["accuracy"]),
         "accuracy_change": change,
         "latency_ratio": ratio,
+        "latency_by_batch": by_batch,
         "per_class": classes,
         "inference_resources": resources,
     }
