@@ -20,7 +20,7 @@ from pipeline.models.zoo import mobilenet_v2
 from pipeline.pruning.nni.adapter import Masks
 from pipeline.pruning.nni.adapter import speedup as nni_speedup
 from pipeline.pruning.steps import prune_in_steps
-from pipeline.stages.measure import timed_pair
+from pipeline.stages.measure import timed_pair_and_memory
 from pipeline.stages.prune import prune
 from pipeline.training.seeding import seed_everything
 
@@ -136,13 +136,16 @@ def timed_ratio(
     settings: MeasureSettings,
     batch_size: int = 1,
     repeats: int | None = None,
-) -> tuple[PairedLatency, dict]:
+) -> tuple[PairedLatency, dict, dict | None]:
     """Both models timed as the measure stage times them (timed_pair: alternating rounds in
-    this process; `repeats` None: settings.repeats) and the pruned/baseline ratio with its
-    95 % interval from the per-round ratios (pipeline.measure.uncertainty.latency_ratio)."""
+    this process; `repeats` None: settings.repeats), the pruned/baseline ratio with its 95 %
+    interval from the per-round ratios (pipeline.measure.uncertainty.latency_ratio), and on
+    CUDA each model's peak memory of a call (MiB; None elsewhere)."""
     shape = input_shape(size)
-    pair = timed_pair(baseline, pruned, shape, device, settings, batch_size, repeats)
-    return pair, latency_ratio(pair.baseline_rounds, pair.pruned_rounds)
+    pair, memory = timed_pair_and_memory(
+        baseline, pruned, shape, device, settings, batch_size, repeats
+    )
+    return pair, latency_ratio(pair.baseline_rounds, pair.pruned_rounds), memory
 
 
 def stage_inputs(size: int, settings: PrunerSettings) -> StageInputs:

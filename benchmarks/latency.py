@@ -29,7 +29,7 @@ import torch
 
 from pipeline.config.schema import MeasureSettings
 from pipeline.measure.latency import cpu_threads
-from pipeline.measure.runtime_forms import RUNTIMES, inference_model
+from pipeline.measure.runtime_forms import CUDA_ONLY_RUNTIMES, RUNTIMES, inference_model
 from pipeline.models.layer_profile import KINDS, macs_by_kind, profile_by_kind
 from pipeline.models.stats import count_macs, count_params
 
@@ -48,6 +48,13 @@ class Timing:
     pruned: dict
     # pipeline.measure.uncertainty.latency_ratio: ratio, ci_low, ci_high, round_ratios, ...
     ratio: dict
+    memory: dict | None = None  # CUDA: each model's peak memory of a call, MiB
+
+    @property
+    def memory_ratio(self) -> float | None:
+        if not self.memory or not self.memory.get("baseline") or self.memory["pruned"] is None:
+            return None
+        return self.memory["pruned"] / self.memory["baseline"]
 
     @property
     def latency_ratio(self) -> float:
@@ -70,7 +77,7 @@ class Row:
     device: str
     params_ratio: float
     macs_ratio: float
-    runtimes: dict[str, Timing]  # in --runtimes order
+    runtimes: dict[str, Timing | None]  # in --runtimes order; None: cannot run on the device
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -165,13 +172,15 @@ def run(args: argparse.Namespace, forms: dict[str, MeasureSettings]) -> list[Row
     )
     print(header(list(forms)), flush=True)
     targets = devices(args.devices)
+    skipped = {"cpu": set(CUDA_ONLY_RUNTIMES), "cuda": set()}
     if "onnxruntime" in forms and any(device.type == "cuda" for device in targets):
         import onnxruntime
 
         if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+            skipped["cuda"].add("onnxruntime")
             print(
                 "# onnxruntime has no CUDA provider here (install onnxruntime-gpu): its cuda "
-                "rows are timings of the CPU provider",
+                "cells are left empty rather than filled with CPU timings",
                 flush=True,
             )
     rows: list[Row] = []
@@ -197,9 +206,12 @@ def run(args: argparse.Namespace, forms: dict[str, MeasureSettings]) -> list[Row
                 for device in targets:
                     timings = {}
                     for runtime, measure_runtime in forms.items():
+                        if runtime in skipped[device.type]:
+                            timings[runtime] = None
+                            continue
                         # The baseline is timed again with each pruned model, in alternating
                         # rounds: load that drifts lands on both sides of a round alike.
-                        pair, ratio = common.timed_ratio(
+                        pair, ratio, memory = common.timed_ratio(
                             baseline,
                             pruned,
                             size,
@@ -209,7 +221,7 @@ def run(args: argparse.Namespace, forms: dict[str, MeasureSettings]) -> list[Row
                             repeats=repeats,
                         )
                         timings[runtime] = Timing(
-                            pair.baseline.as_dict(), pair.pruned.as_dict(), ratio
+                            pair.baseline.as_dict(), pair.pruned.as_dict(), ratio, memory
                         )
                     rows.append(
                         Row(
@@ -230,7 +242,7 @@ def run(args: argparse.Namespace, forms: dict[str, MeasureSettings]) -> list[Row
 COLUMNS = f"{'size':>7} {'sparsity':>8} {'batch':>5} {'device':>6} {'params':>7} {'MACs':>7}"
 RUNTIME_COLUMNS = (
     f"{'base p50':>9} {'pruned p50':>10} {'latency':>8} {'ci low':>7} {'ci high':>7} "
-    f"{'lat/MACs':>8}"
+    f"{'lat/MACs':>8} {'memory':>7}"
 )
 
 
@@ -242,12 +254,19 @@ def header(runtimes: list[str]) -> str:
 
 
 def format_row(row: Row) -> str:
-    groups = " ".join(
-        f"{t.baseline['p50']:>9.2f} {t.pruned['p50']:>10.2f} {t.latency_ratio:>8.3f} "
-        f"{t.ratio['ci_low']:>7.3f} {t.ratio['ci_high']:>7.3f} "
-        f"{t.latency_ratio / row.macs_ratio:>8.3f}"
-        for t in row.runtimes.values()
-    )
+    """One row's cells; memory: the pruned/baseline peak memory of a call (CUDA only)."""
+
+    def group(t: Timing | None) -> str:
+        if t is None:
+            return f"{'-':>{len(RUNTIME_COLUMNS)}}"
+        memory = f"{t.memory_ratio:>7.3f}" if t.memory_ratio is not None else f"{'-':>7}"
+        return (
+            f"{t.baseline['p50']:>9.2f} {t.pruned['p50']:>10.2f} {t.latency_ratio:>8.3f} "
+            f"{t.ratio['ci_low']:>7.3f} {t.ratio['ci_high']:>7.3f} "
+            f"{t.latency_ratio / row.macs_ratio:>8.3f} {memory}"
+        )
+
+    groups = " ".join(group(t) for t in row.runtimes.values())
     return (
         f"{row.size:>3}x{row.size:<3} {row.sparsity:>8.2f} {row.batch:>5} {row.device:>6} "
         f"{row.params_ratio:>7.3f} {row.macs_ratio:>7.3f} | {groups}"
@@ -288,21 +307,27 @@ def _ratio(pruned: float, baseline: float) -> str:
 
 def summary(rows: list[Row]) -> str:
     """One line per runtime: how much of the MAC reduction became latency reduction for the
-    reference case (largest size, smallest batch, CPU, sparsity nearest 0.15), and whether any
+    reference case (largest size, smallest batch, CPU where the runtime runs there, sparsity
+    nearest 0.15), and whether any
     pruned model was measurably slower than its baseline (its whole interval above 1)."""
     if not rows:
         return "summary: no rows"
     size = max(row.size for row in rows)
     batch = min(row.batch for row in rows)
     device = "cpu" if any(row.device == "cpu" for row in rows) else rows[0].device
-    candidates = [r for r in rows if r.size == size and r.batch == batch and r.device == device]
-    ref = min(candidates, key=lambda r: abs(r.sparsity - 0.15))
-    case = f"{size}x{size} batch {batch} {device} at s={ref.sparsity:g}"
     lines = []
-    for runtime, timing in ref.runtimes.items():
-        slower = sum(r.runtimes[runtime].measurably_slower for r in rows)
-        unclear = sum(r.runtimes[runtime].no_measurable_difference for r in rows)
-        verdict = "yes" if not slower else f"no ({slower}/{len(rows)} rows measurably slower)"
+    for runtime in rows[0].runtimes:
+        timed = [r for r in rows if r.runtimes[runtime] is not None]
+        refs = [r for r in timed if r.size == size and r.batch == batch]
+        if not refs:
+            lines.append(f"summary {runtime}: not timed")
+            continue
+        ref = min(refs, key=lambda r: (r.device != device, abs(r.sparsity - 0.15)))
+        timing = ref.runtimes[runtime]
+        case = f"{size}x{size} batch {batch} {ref.device} at s={ref.sparsity:g}"
+        slower = sum(r.runtimes[runtime].measurably_slower for r in timed)
+        unclear = sum(r.runtimes[runtime].no_measurable_difference for r in timed)
+        verdict = "yes" if not slower else f"no ({slower}/{len(timed)} rows measurably slower)"
         ratios = (
             f"latency ratio {timing.latency_ratio:.3f} "
             f"[{timing.ratio['ci_low']:.3f}, {timing.ratio['ci_high']:.3f}], "
@@ -310,7 +335,7 @@ def summary(rows: list[Row]) -> str:
             f"latency/MACs ratio {timing.latency_ratio / ref.macs_ratio:.3f}"
         )
         counts = (
-            f"pruned never slower: {verdict}; no measurable difference: {unclear}/{len(rows)} rows"
+            f"pruned never slower: {verdict}; no measurable difference: {unclear}/{len(timed)} rows"
         )
         lines.append(f"summary {runtime}: {case}: {ratios}; {counts}")
     return "\n".join(lines)
@@ -334,7 +359,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.json is not None:
         records = [
             asdict(row)
-            | {"latency_ratio": {name: t.latency_ratio for name, t in row.runtimes.items()}}
+            | {
+                "latency_ratio": {
+                    name: t.latency_ratio for name, t in row.runtimes.items() if t is not None
+                }
+            }
             for row in rows
         ]
         settings = {runtime: asdict(form) for runtime, form in forms.items()}

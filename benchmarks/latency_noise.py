@@ -75,7 +75,7 @@ def timed_runs(
 ) -> list[Run]:
     done = []
     for number in range(1, runs + 1):
-        pair, ratio = common.timed_ratio(baseline, pruned, size, torch.device("cpu"), settings)
+        pair, ratio, _ = common.timed_ratio(baseline, pruned, size, torch.device("cpu"), settings)
         alive = None if busy is None else busy.poll() is None
         done.append(
             Run(

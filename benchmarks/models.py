@@ -290,7 +290,7 @@ def _latency_ratio(baseline, pruned, shape) -> dict:
     settings = common.measure_settings(
         warmup=3, repeats=LATENCY_REPEATS, rounds=LATENCY_ROUNDS, runtime="eager"
     )
-    pair, ratio = common.timed_ratio(baseline, pruned, shape[-1], torch.device("cpu"), settings)
+    pair, ratio, _ = common.timed_ratio(baseline, pruned, shape[-1], torch.device("cpu"), settings)
     return {key: ratio[key] for key in ("ratio", "ci_low", "ci_high")}
 
 

@@ -117,6 +117,51 @@ def test_missing_onnxruntime_stops_the_command_before_training(tmp_path, monkeyp
     assert not list((tmp_path / "outputs").glob("cache/**/*.safetensors"))
 
 
+@pytest.mark.parametrize("runtime", ["cudagraphs", "tensorrt"])
+def test_a_gpu_runtime_is_refused_on_the_cpu_before_any_work(runtime):
+    with pytest.raises(ConfigError) as raised:
+        check_command_line([f"measure.runtime={runtime}", "device=cpu", "tracking.uri=null"])
+    assert str(raised.value) == (
+        f"measure.runtime={runtime} runs on a CUDA GPU, and this run measures on cpu; allowed "
+        f"values: measure.runtime=eager|jit_freeze|onnxruntime|compile here, or {runtime} with "
+        f"device=cuda on a machine with a GPU"
+    )
+
+
+def test_tensorrt_without_its_extra_names_the_extra(monkeypatch):
+    from pipeline.measure.runtime_forms import require_runtime
+
+    monkeypatch.setitem(sys.modules, "torch_tensorrt", None)  # import fails
+    with pytest.raises(RuntimeUnavailableError) as raised:
+        require_runtime("tensorrt", "cuda")
+    assert str(raised.value) == (
+        "measure.runtime=tensorrt needs the torch_tensorrt package, which is not installed: pip "
+        'install -e ".[tensorrt]" (or choose another measure.runtime)'
+    )
+
+
+def test_onnxruntime_on_cuda_without_its_cuda_provider_is_refused_not_timed_on_the_cpu():
+    """Before any work when the installed onnxruntime has no CUDA provider; after the session
+    opens when the provider was there but did not load (onnxruntime then runs on the CPU and
+    only logs it)."""
+    from pipeline.measure.runtime_forms import check_provider_ran, onnxruntime_providers
+
+    assert onnxruntime_providers("cpu", ["CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+    both = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert onnxruntime_providers("cuda", ["TensorrtExecutionProvider", *both]) == both
+    with pytest.raises(RuntimeUnavailableError) as raised:
+        onnxruntime_providers("cuda", ["AzureExecutionProvider", "CPUExecutionProvider"])
+    assert str(raised.value) == (
+        "measure.runtime=onnxruntime on cuda needs onnxruntime's CUDAExecutionProvider, and the "
+        "installed onnxruntime has AzureExecutionProvider, CPUExecutionProvider: pip install "
+        "onnxruntime-gpu instead of onnxruntime (or device=cpu)"
+    )
+    check_provider_ran("cuda", both)
+    check_provider_ran("cpu", ["CPUExecutionProvider"])
+    with pytest.raises(RuntimeUnavailableError, match="fell back to CPUExecutionProvider"):
+        check_provider_ran("cuda", ["CPUExecutionProvider"])
+
+
 def test_layer_kinds_of_mobilenet_v2():
     model = mobilenet_v2(num_classes=10)
     counts: dict[str, int] = {}

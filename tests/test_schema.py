@@ -83,7 +83,7 @@ from pipeline.errors import ConfigError
             "measure.runtime=onnxruntime measure.precision=bf16",
             "measure.precision=bf16 cannot run with measure.runtime=onnxruntime, whose export is "
             "fp32; allowed values: measure.precision=fp32 with it, or "
-            "measure.runtime=eager|jit_freeze|compile with bf16",
+            "measure.runtime=eager|jit_freeze|compile|cudagraphs|tensorrt with bf16",
         ),
         (
             "pruner.recalibration_batches=-1",

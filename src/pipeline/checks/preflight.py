@@ -32,7 +32,7 @@ def check_inputs(settings: RunSettings) -> None:
     """Everything a run will read fits the run, or one ConfigError line says what does not."""
     check_launch(settings)
     check_layout(dict(settings.dataset))
-    check_runtime(settings.measure.runtime.value)
+    check_runtime(settings.measure.runtime.value, measured_on(settings.device.value))
     check_model_choice(settings.model)
     checkpoints = _checkpoints(settings)
     layer_names = _op_names(settings.pruner.config_list)
@@ -75,13 +75,20 @@ def check_sparsity_scale(pruner: PrunerSettings, model: Any) -> None:
     scaled_sparsity(model, 0.5, scales, skip)
 
 
-def check_runtime(runtime: str) -> None:
-    """The package measure.runtime needs is installed: a missing extra fails before training,
-    not in the measure stage."""
+def measured_on(device: str) -> str:
+    """The device a run measures on, as pipeline.run.resolve_device will choose it."""
+    import torch
+
+    return "cuda" if device != "cpu" and torch.cuda.is_available() else "cpu"
+
+
+def check_runtime(runtime: str, device: str | None = None) -> None:
+    """The package measure.runtime needs is installed, and the runtime runs on `device`: a
+    missing extra or a GPU runtime on the CPU fails before training, not in the measure stage."""
     from pipeline.measure.runtime_forms import require_runtime
 
     try:
-        require_runtime(runtime)
+        require_runtime(runtime, device)
     except RuntimeUnavailableError as error:
         raise ConfigError(str(error)) from None
 

@@ -99,6 +99,8 @@ class Runtime(str, Enum):
     jit_freeze = "jit_freeze"
     onnxruntime = "onnxruntime"  # the .[runtimes] extra
     compile = "compile"  # torch.compile
+    cudagraphs = "cudagraphs"  # torch.compile(mode="reduce-overhead"): CUDA graphs; CUDA only
+    tensorrt = "tensorrt"  # Torch-TensorRT, the .[tensorrt] extra; CUDA only
 
 
 class InferencePrecision(str, Enum):

@@ -16,8 +16,12 @@ from pipeline.config.schema import InferencePrecision, Runtime
 from pipeline.errors import RuntimeUnavailableError
 
 RUNTIMES = tuple(runtime.value for runtime in Runtime)
-# What a runtime imports beyond torch: the .[runtimes] extra (the exporter needs onnx too).
-RUNTIME_PACKAGES = {"onnxruntime": ("onnxruntime", "onnx")}
+# What a runtime imports beyond torch, and the extra that installs it (the ONNX exporter needs
+# onnx too; onnxruntime-gpu, installed instead of onnxruntime, provides the same module).
+RUNTIME_PACKAGES = {"onnxruntime": ("onnxruntime", "onnx"), "tensorrt": ("torch_tensorrt",)}
+RUNTIME_EXTRAS = {"onnxruntime": "runtimes", "tensorrt": "tensorrt"}
+# Runtimes that only exist on a GPU: timing them elsewhere would time something else.
+CUDA_ONLY_RUNTIMES = ("cudagraphs", "tensorrt")
 PRECISIONS = tuple(precision.value for precision in InferencePrecision)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Runtimes that run only the fp32 graph they export (their own precision options are their own).
@@ -69,17 +73,49 @@ def check_precision(runtime: str, precision: str) -> None:
         )
 
 
-def require_runtime(runtime: str) -> None:
+def require_runtime(runtime: str, device: str | None = None) -> None:
     """RuntimeUnavailableError, one line naming the setting and the extra, when a package the
-    runtime needs is not installed; checked before any work (pipeline.checks.preflight)."""
+    runtime needs is not installed, or the runtime cannot run on `device` (cpu, cuda; None:
+    not checked); checked before any work (pipeline.checks.preflight)."""
+    if device is not None and device != "cuda" and runtime in CUDA_ONLY_RUNTIMES:
+        on_cpu = ", ".join(r for r in RUNTIMES if r not in CUDA_ONLY_RUNTIMES)
+        raise RuntimeUnavailableError(
+            f"measure.runtime={runtime} runs on a CUDA GPU, and this run measures on {device}; "
+            f"allowed values: measure.runtime={on_cpu.replace(', ', '|')} here, or "
+            f"{runtime} with device=cuda on a machine with a GPU"
+        )
     for package in RUNTIME_PACKAGES.get(runtime, ()):
         try:
             importlib.import_module(package)
         except ImportError:
             raise RuntimeUnavailableError(
                 f"measure.runtime={runtime} needs the {package} package, which is not "
-                f'installed: pip install -e ".[runtimes]" (or choose another measure.runtime)'
+                f'installed: pip install -e ".[{RUNTIME_EXTRAS[runtime]}]" (or choose another '
+                f"measure.runtime)"
             ) from None
+    if runtime == "onnxruntime" and device == "cuda":
+        onnxruntime_providers("cuda", _available_providers())
+
+
+def onnxruntime_providers(device: str, available: list[str]) -> list:
+    """The execution providers to ask onnxruntime for on `device`: on CUDA its CUDA provider,
+    which must be there (RuntimeUnavailableError otherwise: timing the CPU provider on a GPU
+    run would report CPU timings as GPU timings)."""
+    if device != "cuda":
+        return ["CPUExecutionProvider"]
+    if "CUDAExecutionProvider" not in available:
+        raise RuntimeUnavailableError(
+            f"measure.runtime=onnxruntime on cuda needs onnxruntime's CUDAExecutionProvider, "
+            f"and the installed onnxruntime has {', '.join(available)}: pip install "
+            f"onnxruntime-gpu instead of onnxruntime (or device=cpu)"
+        )
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+def _available_providers() -> list[str]:
+    import onnxruntime
+
+    return list(onnxruntime.get_available_providers())
 
 
 def inference_model(
@@ -114,21 +150,75 @@ def inference_model(
             prepared = torch.jit.freeze(torch.jit.trace(prepared, example).eval())
     elif runtime == "onnxruntime":
         prepared = OnnxRuntimeModel.export(prepared, _example(prepared, input_shape), threads)
-    elif runtime == "compile":
+    elif runtime == "tensorrt":
+        prepared = _tensorrt(prepared, input_shape, batch_sizes, precision, channels_last)
+    elif runtime in ("compile", "cudagraphs"):
         # One static graph per batch size, compiled now so that no timed call compiles. A
         # dynamic batch dimension would not spare that: its graph is guarded to a range of sizes
         # (2 to 15 for MobileNetV2 on the CPU) and a larger batch compiles again. Under
         # inference_mode, as every timing runs: grad mode is part of the guards.
-        prepared = torch.compile(prepared, dynamic=False)
+        # cudagraphs: the same, with each graph's kernels recorded once as a CUDA graph and
+        # replayed as one launch (mode="reduce-overhead"); a graph is recorded on its first
+        # calls, so a few are made here.
+        mode = "reduce-overhead" if runtime == "cudagraphs" else None
+        prepared = torch.compile(prepared, dynamic=False, mode=mode)
+        calls = 3 if runtime == "cudagraphs" else 1
         with torch.inference_mode():
             for batch in dict.fromkeys(batch_sizes):
-                prepared(_example(prepared, input_shape, channels_last, batch))
+                for _ in range(calls):
+                    prepared(_example(prepared, input_shape, channels_last, batch))
     return prepared
+
+
+class PerBatchSize(nn.Module):
+    """One compiled form per batch size (a TensorRT engine is built for fixed shapes), chosen
+    by the batch's size."""
+
+    def __init__(self, forms: dict[int, nn.Module]) -> None:
+        super().__init__()
+        self.forms = forms  # not a ModuleDict: engines are not modules to move or save
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        form = self.forms.get(images.shape[0])
+        if form is None:
+            raise ValueError(
+                f"a TensorRT form was built for batch sizes {sorted(self.forms)}, "
+                f"not {images.shape[0]}"
+            )
+        return form(images)
+
+
+def _tensorrt(
+    model: nn.Module,
+    input_shape: tuple[int, ...],
+    batch_sizes: tuple[int, ...],
+    precision: str,
+    channels_last: bool,
+) -> nn.Module:
+    """Torch-TensorRT's dynamo path: one engine per batch size, the weights in `precision` (its
+    own enabled_precisions: the model handed in is fp32 or a CastModel, whose casts TensorRT
+    folds into the engine)."""
+    import torch_tensorrt
+
+    forms = {}
+    for batch in dict.fromkeys(batch_sizes):
+        example = _example(model, input_shape, channels_last, batch)
+        forms[batch] = torch_tensorrt.compile(
+            model,
+            ir="dynamo",
+            inputs=[example],
+            enabled_precisions={DTYPES[precision]},
+        )
+    return PerBatchSize(forms)
 
 
 def runtime_versions(form: nn.Module) -> dict[str, str]:
     """The versions (and the onnxruntime provider) that ran a prepared form, for measurements."""
     versions = {"torch": torch.__version__}
+    if isinstance(form, PerBatchSize):
+        import torch_tensorrt
+
+        versions["torch_tensorrt"] = torch_tensorrt.__version__
     if isinstance(form, OnnxRuntimeModel):
         versions |= {"onnxruntime": form.version, "provider": form.provider}
     return versions
@@ -140,6 +230,19 @@ def _example(
     device = next(model.parameters()).device
     example = torch.zeros(batch, *input_shape, device=device)
     return example.contiguous(memory_format=torch.channels_last) if channels_last else example
+
+
+def check_provider_ran(device: str, ran: list[str]) -> None:
+    """onnxruntime falls back to the CPU provider, with a log line only, when its CUDA provider
+    cannot load (a missing CUDA or cuDNN library): on a CUDA run that is an error."""
+    if device == "cuda" and (not ran or ran[0] != "CUDAExecutionProvider"):
+        fallback = ran[0] if ran else "no provider"
+        raise RuntimeUnavailableError(
+            f"measure.runtime=onnxruntime on cuda: onnxruntime fell back to {fallback}"
+            f" (its CUDAExecutionProvider did not load: see its log above for the missing "
+            f"library), so its timings would be CPU timings; install the CUDA and cuDNN "
+            f"versions onnxruntime-gpu needs, or device=cpu"
+        )
 
 
 class OnnxRuntimeModel(nn.Module):
@@ -181,17 +284,16 @@ class OnnxRuntimeModel(nn.Module):
         # thread pool; spinning threads of the idle one would take the cores from the one being
         # timed (on 2 cores the same baseline's p50 varied 5.2-8.6 ms between pairs).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        providers = ["CPUExecutionProvider"]
-        if example.device.type == "cuda" and "CUDAExecutionProvider" in (
-            onnxruntime.get_available_providers()
-        ):
-            device_id = example.device.index or 0
-            providers.insert(0, ("CUDAExecutionProvider", {"device_id": device_id}))
+        device = example.device.type
+        providers = onnxruntime_providers(device, _available_providers())
+        if device == "cuda":
+            providers[0] = ("CUDAExecutionProvider", {"device_id": example.device.index or 0})
         # The session keeps the graph in memory: the file is only the exporter's way across.
         with tempfile.TemporaryDirectory() as folder:
             path = Path(folder) / "model.onnx"
             _onnx_export(model, example.contiguous(), path)
             session = onnxruntime.InferenceSession(str(path), options, providers=providers)
+        check_provider_ran(device, session.get_providers())
         return cls(session, example.device)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:

@@ -170,7 +170,7 @@ def size_speed_quality(models: list[Model], path: Path) -> Path:
                 zorder=4,
             )
     ax.set(
-        xlabel="latency p50, batch 1 (ms)",
+        xlabel=f"latency p50, batch {models[0].figures.get('latency_batch_size', 1)} (ms)",
         ylabel="top-1 accuracy (%)",
         title="Size, speed and quality: bubble area proportional to parameters",
     )

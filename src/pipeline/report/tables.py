@@ -63,10 +63,11 @@ def results_table(models: list[Model]) -> Table:
             ]
         )
     device = models[0].figures.get("latency_device", "?")
+    batch = models[0].figures.get("latency_batch_size", 1)
     shared = [m for m in models if m.is_baseline and len(m.runs) > 1]
     caption = (
         f"Accuracy on the test set; the change is pruned minus baseline in points with its 95 % "
-        f"paired bootstrap interval and McNemar's exact p. Latency: batch 1 on {device}, the "
+        f"paired bootstrap interval and McNemar's exact p. Latency: batch {batch} on {device}, the "
         f"change is the pruned/baseline ratio of alternating timing rounds with its 95 % "
         f"interval. Throughput: images/s at the throughput batch size. Front: on the "
         f"accuracy/MACs Pareto front (no other model is as accurate for fewer MACs)."

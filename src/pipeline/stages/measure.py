@@ -140,8 +140,24 @@ def timed_pair(
 ) -> PairedLatency:
     """Both models' inference forms timed in alternating rounds (measure.rounds): how the
     measure stage and benchmarks/latency.py time every pair, so that their figures agree."""
+    return timed_pair_and_memory(
+        baseline, pruned, input_shape, device, settings, batch_size, repeats
+    )[0]
+
+
+def timed_pair_and_memory(
+    baseline: nn.Module,
+    pruned: nn.Module,
+    input_shape: tuple[int, ...],
+    device: torch.device,
+    settings: MeasureSettings,
+    batch_size: int = 1,
+    repeats: int | None = None,
+) -> tuple[PairedLatency, dict[str, float | None] | None]:
+    """timed_pair, and on CUDA each form's peak memory of a call at `batch_size` (MiB; None
+    elsewhere)."""
     forms = prepared_pair(baseline, pruned, input_shape, device, settings, (batch_size,))
-    return _time_prepared(
+    pair = _time_prepared(
         forms["baseline"],
         forms["pruned"],
         input_shape,
@@ -150,6 +166,13 @@ def timed_pair(
         batch_size,
         repeats,
     )
+    if device.type != "cuda":
+        return pair, None
+    memory = {
+        side: peak_memory_mb(form, input_shape, device, batch_size, settings.channels_last)
+        for side, form in forms.items()
+    }
+    return pair, memory
 
 
 def _time_prepared(
