@@ -20,7 +20,7 @@ from pipeline.models.zoo import mobilenet_v2
 from pipeline.pruning.nni.adapter import Masks
 from pipeline.pruning.nni.adapter import speedup as nni_speedup
 from pipeline.pruning.steps import prune_in_steps
-from pipeline.stages.measure import timed_pair_and_memory
+from pipeline.stages.measure import timed_pair
 from pipeline.stages.prune import prune
 from pipeline.training.seeding import seed_everything
 
@@ -142,9 +142,7 @@ def timed_ratio(
     interval from the per-round ratios (pipeline.measure.uncertainty.latency_ratio), and on
     CUDA each model's peak memory of a call (MiB; None elsewhere)."""
     shape = input_shape(size)
-    pair, memory = timed_pair_and_memory(
-        baseline, pruned, shape, device, settings, batch_size, repeats
-    )
+    pair, memory = timed_pair(baseline, pruned, shape, device, settings, batch_size, repeats)
     return pair, latency_ratio(pair.baseline_rounds, pair.pruned_rounds), memory
 
 

@@ -45,7 +45,7 @@ from pipeline.run import resolve_device, run, stage_inputs
 from pipeline.stages.baseline import baseline
 from pipeline.stages.finetune import finetune
 from pipeline.stages.measure import measure, quality
-from pipeline.tracking.environment import cpu_model
+from pipeline.tracking.environment import cpu_model, package_version, source_hash
 from pipeline.training.seeding import seed_everything, seed_stage
 
 CONTROL = recipe_table.CONTROL
@@ -141,11 +141,16 @@ def ensure_baseline(args: argparse.Namespace) -> dict:
     }
 
 
-def row_from(record: dict, **fields) -> dict:
-    """The table's figures from a measure-stage result (a run record or measure()'s output)."""
+def row_from(record: dict, history: list[dict], **fields) -> dict:
+    """The table's figures from a measure-stage result (a run record or measure()'s output)
+    and the fine-tuning history: the kept model's validation accuracy (the best epoch's), by
+    which a peer is chosen, and each test image's correctness, by which rows are compared."""
     base, pruned = record["baseline"], record["pruned"]
     change, latency = record["accuracy_change"], record["latency_ratio"]
+    scores = [row["val_accuracy"] for row in history]
     return fields | {
+        "val_accuracy": max(scores) if scores else None,
+        "outcomes": record["outcomes"]["pruned"],
         "baseline_accuracy": base["accuracy"],
         "accuracy": pruned["accuracy"],
         "points_lost": 100.0 * (base["accuracy"] - pruned["accuracy"]),
@@ -164,6 +169,7 @@ def recipe_row(settings: RunSettings, where: Path) -> dict:
     search = record["pruning"]["budget"]
     return row_from(
         record,
+        record["finetune_history"],
         sparsity=record["pruning"]["sparsity"],
         met=bool(search["met"]),
         evaluations=len(search["evaluations"]),
@@ -192,18 +198,25 @@ def control_row(settings: RunSettings) -> dict:
     record = measure(
         base, base_quality, tuned.model, test, inputs, settings.measure, seed=settings.seed
     )
-    return row_from(record, sparsity=0.0, met=True, evaluations=0, finetune_seconds=seconds)
+    return row_from(
+        record, tuned.history, sparsity=0.0, met=True, evaluations=0, finetune_seconds=seconds
+    )
 
 
 def provenance(checkpoint: Path) -> dict:
-    """Where rows are computed: the baseline file they start from, the CPU, torch, and how the
-    budget search works. Rows from another machine or another baseline (the same cache key,
+    """Where and by what rows are computed: the baseline file they start from, the CPU, torch,
+    the pipeline's own code (a hash of its source and configs), the pruning libraries and how
+    the budget search works. Rows from another machine or another baseline (the same cache key,
     trained elsewhere) differ in their float rounding (at MACs 0.25 the default lost 1.29
-    points on one CPU, 1.77 on another) and in their latencies: one table must not mix them."""
+    points on one CPU, 1.77 on another) and in their latencies, and rows from other code in
+    anything: one table must not mix them."""
     return {
         "baseline_sha256": hashlib.sha256(checkpoint.read_bytes()).hexdigest()[:16],
         "cpu": cpu_model(),
         "torch": torch.__version__,
+        "code": source_hash(),
+        "nni": package_version("nni"),
+        "torch_pruning": package_version("torch-pruning"),
         "budget_search": SEARCH_METHOD,
     }
 
@@ -268,8 +281,10 @@ def main(argv: list[str] | None = None) -> None:
         "pruned / baseline, means over seeds; lost pts = baseline - pruned accuracy"
     )
     print(
-        f"# computed on {origin['cpu']}, torch {origin['torch']}, baseline file sha256 "
-        f"{origin['baseline_sha256']}, budget search: {origin['budget_search']}"
+        f"# computed on {origin['cpu']}, torch {origin['torch']}, pipeline source "
+        f"{origin['code']}, nni {origin['nni']}, torch-pruning {origin['torch_pruning']}, "
+        f"baseline file sha256 {origin['baseline_sha256']}, budget search: "
+        f"{origin['budget_search']}"
     )
     print(recipe_table.HEADER)
     for entry in entries:
@@ -280,7 +295,9 @@ def main(argv: list[str] | None = None) -> None:
     wall = time.perf_counter() - began
     print(f"wall time {wall:.0f} s (rows cached under {args.output_root / 'rows'} are reused)")
     print(recipe_table.cost_line(rows, wall, trained if info["source"] == "trained" else None))
-    print(recipe_table.summary(entries))
+    for line in recipe_table.paired_lines(rows, [*args.recipes, CONTROL]):
+        print(line)
+    print(recipe_table.summary(entries, rows))
     print(recipe_table.ONE_BASELINE)
     if args.json is not None:
         payload = {"args": vars(args), "baseline": info, "rows": rows, "aggregates": entries}

@@ -7,6 +7,10 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
+import numpy as np
+
+from pipeline.measure.uncertainty import accuracy_change, unpack_outcomes
+
 CONTROL = "control"
 # The summary's targets: points lost by the default at MACs 0.5; the default's loss as a share
 # of the reference's at 0.35 and 0.25; the control's gain above which the baseline is called
@@ -80,7 +84,8 @@ def seed_gaps(default: dict, other: dict) -> list[float]:
     ]
 
 
-def summary(entries: list[dict]) -> str:
+def summary(entries: list[dict], rows: list[dict] = ()) -> str:
+    """The targets' verdicts; `rows` (with per-image outcomes) make the comparisons paired."""
     by = {(e["budget"], e["recipe"]): e for e in entries}
 
     def lost(budget: float, recipe: str) -> float | None:
@@ -114,16 +119,92 @@ def summary(entries: list[dict]) -> str:
     budgets = sorted({e["budget"] for e in entries if e["budget"] is not None}, reverse=True)
     others = dict.fromkeys(e["recipe"] for e in entries)
     for other in [r for r in others if r not in ("default", "reference", CONTROL)]:
-        parts.append(accuracy_gaps(by, budgets, other))
+        parts.append(accuracy_gaps(by, budgets, other, list(rows)))
     return "summary: " + "; ".join(part for part in parts if part)
 
 
-def accuracy_gaps(by: dict, budgets: list[float], other: str) -> str:
-    """The default's accuracy minus `other`'s at each budget, with the same per seed."""
+def paired_difference(rows: list[dict], others: list[dict]) -> dict | None:
+    """`rows`' accuracy minus `others`' in points, paired image by image: the rows of a seed
+    prune the same baseline and are tested on the same images, so each (seed, image) is one
+    pair (pipeline.measure.uncertainty.accuracy_change over the seeds' images together). None
+    where a row has no per-image outcomes (computed before they were stored)."""
+    theirs = {row["seed"]: row for row in others}
+    mine, paired = [], []
+    for row in rows:
+        other = theirs.get(row["seed"])
+        if other is None:
+            continue
+        if "outcomes" not in row or "outcomes" not in other:
+            return None
+        mine.append(unpack_outcomes(row["outcomes"]))
+        paired.append(unpack_outcomes(other["outcomes"]))
+    if not mine:
+        return None
+    change = accuracy_change(np.concatenate(paired), np.concatenate(mine))
+    return change | {"seeds": len(mine), "verdict": standing(change)}
+
+
+def standing(change: dict) -> str:
+    """ahead / behind when the paired 95 % interval excludes 0, else level."""
+    if change["ci_low"] > 0:
+        return "ahead"
+    return "behind" if change["ci_high"] < 0 else "level"
+
+
+def best_on_validation(rows: list[dict], budget: float, exclude: str) -> str | None:
+    """The recipe other than `exclude` with the best mean validation accuracy at `budget`: the
+    peer a recipe is compared with, chosen without reading the test set."""
+    scores: dict[str, list[float]] = {}
+    for row in rows:
+        peer = row["budget"] == budget and row["recipe"] not in (exclude, CONTROL)
+        if peer and row.get("val_accuracy") is not None:
+            scores.setdefault(row["recipe"], []).append(row["val_accuracy"])
+    if not scores:
+        return None
+    return max(scores, key=lambda recipe: statistics.fmean(scores[recipe]))
+
+
+def paired_lines(rows: list[dict], recipes: list[str]) -> list[str]:
+    """Per budget and recipe: its paired difference against the best other recipe on
+    validation, with the 95 % interval, McNemar's p and the standing it gives."""
+    lines = []
+    budgets = sorted({r["budget"] for r in rows if r["budget"] is not None}, reverse=True)
+    for budget in budgets:
+        for recipe in recipes:
+            mine = [r for r in rows if r["budget"] == budget and r["recipe"] == recipe]
+            peer = best_on_validation(rows, budget, recipe)
+            if not mine or peer is None:
+                continue
+            theirs = [r for r in rows if r["budget"] == budget and r["recipe"] == peer]
+            change = paired_difference(mine, theirs)
+            if change is None:
+                lines.append(f"{budget:>5g} {recipe:>13} vs {peer}: no per-image outcomes")
+                continue
+            lines.append(
+                f"{budget:>5g} {recipe:>13} vs {peer} (best other on validation): "
+                f"{change['points']:+.2f} pts [{change['ci_low']:+.2f}, {change['ci_high']:+.2f}]"
+                f" over {change['images']} image-seed pairs, McNemar p={change['p_value']:.2g}: "
+                f"{change['verdict']}"
+            )
+    return lines
+
+
+def accuracy_gaps(by: dict, budgets: list[float], other: str, rows: list[dict] = ()) -> str:
+    """The default's accuracy minus `other`'s at each budget: paired over images and seeds with
+    its interval and standing where the rows hold per-image outcomes, else the per-seed gaps."""
     gaps = []
     for budget in budgets:
         default, peer = by.get((budget, "default")), by.get((budget, other))
-        if default and peer:
+        at = [r for r in rows if r["budget"] == budget]
+        change = paired_difference(
+            [r for r in at if r["recipe"] == "default"], [r for r in at if r["recipe"] == other]
+        )
+        if default and peer and change is not None:
+            gaps.append(
+                f"{budget:g}: {change['points']:+.2f} [{change['ci_low']:+.2f}, "
+                f"{change['ci_high']:+.2f}] paired: {change['verdict']}"
+            )
+        elif default and peer:
             gap = 100.0 * (default["accuracy"]["mean"] - peer["accuracy"]["mean"])
             per_seed = seed_gaps(default, peer)
             agree = (

@@ -240,3 +240,17 @@ def test_submitit_tasks_train_one_job_data_parallel(tmp_path):
     runs = client.search_runs([client.get_experiment_by_name("pruning").experiment_id])
     (job,) = [run for run in runs if run.data.tags.get("sweep") != "true"]
     assert job.info.status == "FINISHED" and job.data.tags["trainer.world_size"] == "2"
+
+
+def test_the_throughput_table_gives_medians_ranges_and_per_round_ratios(monkeypatch):
+    import importlib.util
+
+    benchmarks = ROOT / "benchmarks"
+    monkeypatch.syspath_prepend(str(benchmarks))
+    spec = importlib.util.spec_from_file_location("ddp_bench", benchmarks / "ddp_throughput.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    lines = module.table({"one": [100.0, 50.0, 110.0], "two": [200.0, 60.0, 100.0]}).splitlines()
+    assert lines[1].split()[:2] == ["one", "100.0"] and "1.00 (1.00-1.00)" in lines[1]
+    # median 100 against 100; per round 2.00, 1.20 and 0.91: a round's load reaches both.
+    assert lines[2].split()[1] == "100.0" and lines[2].endswith("1.00 (0.91-2.00)")

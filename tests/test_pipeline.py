@@ -51,6 +51,13 @@ def test_without_tracking_the_run_still_records_resources_and_plots(tiny, tmp_pa
     assert rows[1]["baseline_ms"]["p50"] > rows[0]["baseline_ms"]["p50"]
     assert saved["latency_ratio"]["ratio"] == rows[0]["ratio"]
     assert saved["baseline"]["latency_batch_size"] == 1
+    # Each test image's outcome is kept, packed, for paired comparisons across runs.
+    from pipeline.measure.uncertainty import unpack_outcomes
+
+    for side in ("baseline", "pruned"):
+        correct = unpack_outcomes(saved["outcomes"][side])
+        assert len(correct) == saved[side]["test_samples"]
+        assert correct.mean() == pytest.approx(saved[side]["accuracy"])
     out = capsys.readouterr().out
     assert "latency p50 (cpu, ms), batch 1 " in out and "latency p50 (cpu, ms), batch 4 " in out
     assert set(saved["resources"]) == {"baseline", "prune", "speedup", "finetune", "measure"}

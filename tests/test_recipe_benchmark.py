@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import random
 from pathlib import Path
 
 import matplotlib.image
@@ -134,6 +135,63 @@ def test_aggregates_summary_and_plot(table, tmp_path):
     assert image[..., :3].std() > 0.05
 
 
+def with_outcomes(row: dict, correct: list[bool], val_accuracy: float) -> dict:
+    from pipeline.measure.uncertainty import pack_outcomes
+
+    return row | {"outcomes": pack_outcomes(correct), "val_accuracy": val_accuracy}
+
+
+def test_recipes_are_compared_image_by_image_against_the_best_peer_on_validation(table):
+    """The paired difference pools each seed's test images; the peer is the best other recipe
+    on validation, whatever the test set says; ahead/behind/level come from the interval."""
+    rng = random.Random(0)
+    images = 400
+    truth = {  # per seed: default right on 90 %, peer on 85 %, weak on 60 % of the images
+        seed: {
+            name: [rng.random() < p for _ in range(images)]
+            for name, p in (("default", 0.90), ("peer", 0.85), ("weak", 0.60))
+        }
+        for seed in (0, 1)
+    }
+    # weak is best on validation at 0.5, peer elsewhere.
+    val = {"default": 0.89, "peer": 0.88, "weak": 0.5}
+    rows = [
+        with_outcomes(
+            made_up_row(name, budget, seed, sum(truth[seed][name]) / images),
+            truth[seed][name],
+            0.95 if (name == "weak" and budget == 0.5) else val[name],
+        )
+        for seed in (0, 1)
+        for budget in (0.5, 0.35)
+        for name in ("default", "peer", "weak")
+    ]
+    assert table.best_on_validation(rows, 0.5, "default") == "weak"
+    assert table.best_on_validation(rows, 0.35, "default") == "peer"
+    at = [r for r in rows if r["budget"] == 0.35]
+    change = table.paired_difference(
+        [r for r in at if r["recipe"] == "default"], [r for r in at if r["recipe"] == "peer"]
+    )
+    from pipeline.measure.uncertainty import accuracy_change
+
+    expected = accuracy_change(
+        truth[0]["peer"] + truth[1]["peer"], truth[0]["default"] + truth[1]["default"]
+    )
+    assert change["points"] == pytest.approx(expected["points"])
+    assert change["images"] == 2 * images and change["seeds"] == 2
+    assert change["verdict"] == table.standing(change)
+    assert table.standing({"ci_low": 0.1, "ci_high": 2.0}) == "ahead"
+    assert table.standing({"ci_low": -2.0, "ci_high": -0.1}) == "behind"
+    assert table.standing({"ci_low": -0.1, "ci_high": 2.0}) == "level"
+    lines = table.paired_lines(rows, ["default", "peer", "weak"])
+    assert lines[0].startswith("  0.5       default vs weak (best other on validation): +")
+    assert lines[0].endswith(": ahead")  # 90 % against 60 % over 800 pairs
+    summary = table.summary(table.aggregate(rows, ["default", "peer", "weak"]), rows)
+    assert "default - weak accuracy, pts: 0.5: +" in summary and "] paired: ahead" in summary
+    # A row stored before per-image outcomes gives no paired figure, and says so.
+    old = [{k: v for k, v in r.items() if k != "outcomes"} for r in rows]
+    assert table.paired_difference(old[:1], old[1:2]) is None
+
+
 def test_a_resumed_benchmark_states_the_cost_of_its_cached_rows(recipe, table, tmp_path):
     path = tmp_path / "rows" / "default-b0.5-s1.json"
     here = {"baseline_sha256": "ab", "cpu": "this CPU", "torch": "2.x"}
@@ -173,6 +231,10 @@ def test_rows_from_another_machine_or_baseline_are_computed_again(recipe, tmp_pa
     row = recipe.cached_row(path, lambda: {"accuracy": 0.9}, here | {"budget_search": "new"})
     assert row["accuracy"] == 0.9 and "cached" not in row
     assert "computed with another budget_search" in capsys.readouterr().err
+    # Rows of other pipeline code, or other pruning libraries, are computed again.
+    assert set(origin) >= {"code", "nni", "torch_pruning"} and len(origin["code"]) == 16
+    row = recipe.cached_row(path, lambda: {"accuracy": 0.6}, here | {"code": "other"})
+    assert row["accuracy"] == 0.6 and "computed with another code" in capsys.readouterr().err
     path.write_text('{"accuracy": 0.9, "seconds": 300.0}')  # stored before provenance was
     assert recipe.cached_row(path, lambda: {"accuracy": 0.8}, here)["accuracy"] == 0.8
 
@@ -200,7 +262,10 @@ def test_the_benchmark_runs_the_pipeline_and_resumes(recipe, tmp_path, capsys):
             assert row["met"] and row["macs_ratio"] <= 0.5  # the pipeline's own budget search
             assert 0.0 < row["sparsity"] < 1.0
         assert row["provenance"]["budget_search"] == SEARCH_METHOD
+        assert 0.0 <= row["val_accuracy"] <= 1.0
+        assert row["outcomes"]["images"] == 60  # the test images, one bit each
     out = capsys.readouterr().out
+    assert "(best other on validation):" in out
     assert "MACs 0.5: default loses" in out and "control (fine-tuning alone" in out
     recipe.main(argv)
     again = json.loads((tmp_path / "rows.json").read_text())

@@ -22,6 +22,7 @@ MODELS = {"baseline", *(f"mean_rank s={s}" for s in SPARSITIES)}
 FIGURES = {
     "size_speed_quality.png",
     "accuracy_vs_macs.png",
+    "latency_by_batch.png",
     "inference_resources.png",
     "recall_change.png",
     "confusion_matrices.png",

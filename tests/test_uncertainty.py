@@ -1,6 +1,7 @@
 """The uncertainty of a comparison: paired accuracy intervals, latency ratio intervals, and
 what the summary table says about them."""
 
+import numpy as np
 import pytest
 
 from pipeline.measure.uncertainty import accuracy_change, latency_ratio, mcnemar_exact
@@ -99,3 +100,15 @@ def test_mcnemar_on_a_large_test_set_does_not_overflow():
     # 2.0 ** 1100 overflows a float: a 10,000-image test set reaches that many discordant images.
     assert mcnemar_exact(600, 500) == pytest.approx(0.0028195, rel=1e-4)  # scipy's binomtest
     assert 0.0 < mcnemar_exact(3000, 1000) < 1e-200
+
+
+def test_per_image_outcomes_pack_to_a_bit_each_and_back():
+    from pipeline.measure.uncertainty import pack_outcomes, unpack_outcomes
+
+    rng = np.random.default_rng(0)
+    for count in (0, 1, 7, 8, 9, 10_000):
+        correct = (rng.random(count) < 0.9).tolist()
+        packed = pack_outcomes(correct)
+        assert packed["images"] == count
+        assert len(packed["bits"]) <= 4 * ((count + 7) // 8 + 2) / 3 + 4  # base64 of the bits
+        assert unpack_outcomes(packed).tolist() == correct

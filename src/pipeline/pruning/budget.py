@@ -293,7 +293,9 @@ def _latency_ratio(
     repeats = max(measure.rounds, measure.repeats // 4)
     # The batch size of the headline ratio the measure stage reports, which the budget is met on.
     batch = measured_batch_sizes(measure, inputs.device)[0]
-    pair = timed_pair(baseline, pruned, inputs.input_shape, inputs.device, measure, batch, repeats)
+    pair, _ = timed_pair(
+        baseline, pruned, inputs.input_shape, inputs.device, measure, batch, repeats
+    )
     return latency_ratio(pair.baseline_rounds, pair.pruned_rounds)["ratio"]
 
 

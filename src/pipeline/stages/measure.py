@@ -28,7 +28,7 @@ from pipeline.measure.latency import (
 )
 from pipeline.measure.resources import ResourceSampler
 from pipeline.measure.runtime_forms import OnnxRuntimeModel, inference_model, runtime_versions
-from pipeline.measure.uncertainty import accuracy_change, latency_ratio
+from pipeline.measure.uncertainty import accuracy_change, latency_ratio, pack_outcomes
 from pipeline.models.stats import count_macs, count_params, size_bytes
 from pipeline.training.loop import evaluate
 
@@ -47,6 +47,7 @@ MAX_CONFUSION_CLASSES = 50
 # measure.batch_sizes when it is null: on a GPU a small model is launch-bound at batch 1, so
 # pruning shows at larger batches; on the CPU batch 1 already follows the MACs.
 DEFAULT_BATCH_SIZES = {"cpu": (1,), "cuda": (1, 8, 64)}
+SIDES = ("baseline", "pruned")
 # What `quality` gives per test image (and the class count), beside its summary figures.
 OUTCOME_KEYS = ("correct", "predicted", "labels", "classes")
 
@@ -117,7 +118,7 @@ def prepared_pair(
     batch_sizes: tuple[int, ...] = (1,),
 ) -> dict[str, nn.Module]:
     """Both models' inference forms, prepared together for one comparison at `batch_sizes`."""
-    if settings.runtime.value == "compile":
+    if settings.runtime.value in ("compile", "cudagraphs"):
         # Dynamo keeps compiled graphs per code object, shared by every model of one class, up
         # to a recompile limit past which it runs eager (a log warning only): a benchmark's rows
         # or sweep jobs in one process would reach it. Forms of an earlier pair are not timed
@@ -137,24 +138,10 @@ def timed_pair(
     settings: MeasureSettings,
     batch_size: int = 1,
     repeats: int | None = None,
-) -> PairedLatency:
-    """Both models' inference forms timed in alternating rounds (measure.rounds): how the
-    measure stage and benchmarks/latency.py time every pair, so that their figures agree."""
-    return timed_pair_and_memory(
-        baseline, pruned, input_shape, device, settings, batch_size, repeats
-    )[0]
-
-
-def timed_pair_and_memory(
-    baseline: nn.Module,
-    pruned: nn.Module,
-    input_shape: tuple[int, ...],
-    device: torch.device,
-    settings: MeasureSettings,
-    batch_size: int = 1,
-    repeats: int | None = None,
 ) -> tuple[PairedLatency, dict[str, float | None] | None]:
-    """timed_pair, and on CUDA each form's peak memory of a call at `batch_size` (MiB; None
+    """Both models' inference forms timed in alternating rounds (measure.rounds): how the
+    measure stage, the latency budget and benchmarks/latency.py time every pair, so that their
+    figures agree; and on CUDA each form's peak memory of a call at `batch_size` (MiB; None
     elsewhere)."""
     forms = prepared_pair(baseline, pruned, input_shape, device, settings, (batch_size,))
     pair = _time_prepared(
@@ -449,4 +436,9 @@ def measure(
         "latency_by_batch": by_batch,
         "per_class": classes,
         "inference_resources": resources,
+        # Each test image's correctness, packed: runs measured on the same images can be
+        # compared pairwise later (benchmarks/recipe_table.py does, between recipes).
+        "outcomes": {
+            side: pack_outcomes(o["correct"]) for side, o in zip(SIDES, outcomes, strict=True)
+        },
     }

@@ -4,6 +4,7 @@ the process (so that a later run can tell a dead run from a live one)."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import platform
 import socket
@@ -20,8 +21,8 @@ def environment_tags() -> dict[str, str]:
         "cpu": cpu_model(),
         "torch_version": torch.__version__,
         # From the package metadata: importing torchvision costs ~2 s of a rejected run's exit.
-        "torchvision_version": _version("torchvision"),
-        "nni_version": _version("nni"),
+        "torchvision_version": package_version("torchvision"),
+        "nni_version": package_version("nni"),
         "python_version": platform.python_version(),
     }
     if torch.cuda.is_available():
@@ -33,13 +34,30 @@ def environment_tags() -> dict[str, str]:
     return tags
 
 
-def _version(package: str) -> str:
+def package_version(package: str) -> str:
+    """An installed distribution's version, or "not installed"."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
         return version(package)
     except PackageNotFoundError:
         return "not installed"
+
+
+def source_hash() -> str:
+    """A hash of the pipeline's own code and configs (every .py and .yaml file of the package
+    and of pipeline.conf, with their paths): results computed by other code have another one,
+    committed or not."""
+    from importlib.resources import files
+
+    digest = hashlib.sha256()
+    for package in ("pipeline", "pipeline.conf"):
+        root = Path(str(files(package)))
+        for path in sorted(root.rglob("*")):
+            if path.suffix in (".py", ".yaml") and "__pycache__" not in path.parts:
+                digest.update(f"{package}/{path.relative_to(root).as_posix()}\0".encode())
+                digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def cpu_model() -> str:
