@@ -197,16 +197,22 @@ def test_profile_by_kind_splits_the_whole_pass_and_macs_add_up():
     assert macs["batchnorm"] == macs["other"] == 0
 
 
+@pytest.mark.slow  # a timing comparison: kept out of the fast tier, where other work skews it
 def test_profiled_kinds_sum_close_to_an_unprofiled_pass():
     """The per-kind times add up to about what the pass takes without the profiler (which
-    adds its own cost per op, hence the generous bound)."""
+    adds its own cost per op, hence the generous bound). Three profiled and unprofiled blocks
+    back to back, and the median of their ratios: a load spike during one block moves one ratio,
+    not the median."""
     model = mobilenet_v2(num_classes=10).eval()
     shape = (3, 32, 32)
-    times = profile_by_kind(model, shape, repeats=5, warmup=2)
     batch = torch.randn(1, *shape)
-    with torch.inference_mode():
-        began = time.perf_counter()
-        for _ in range(5):
-            model(batch)
-        plain_ms = (time.perf_counter() - began) * 1000 / 5
-    assert 0.5 * plain_ms < sum(times.values()) < 4 * plain_ms, (times, plain_ms)
+    ratios = []
+    for _ in range(3):
+        times = profile_by_kind(model, shape, repeats=5, warmup=2)
+        with torch.inference_mode():
+            began = time.perf_counter()
+            for _ in range(5):
+                model(batch)
+            plain_ms = (time.perf_counter() - began) * 1000 / 5
+        ratios.append(sum(times.values()) / plain_ms)
+    assert 0.5 < sorted(ratios)[1] < 4, ratios
