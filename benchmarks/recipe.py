@@ -1,6 +1,6 @@
 """Recipe benchmark at equal cost: every recipe pruned to the same MACs budgets, same baseline.
 
-    python benchmarks/recipe.py [hydra overrides ...] [--budgets 0.7 0.5 0.35 0.25]
+    python benchmarks/recipe.py [hydra overrides ...] [--budgets 0.5 0.35 0.25]
                                 [--seeds 1234 1235] [--recipes reference default]
                                 [--train-limit 8000] [--baseline-epochs 80]
                                 [--finetune-epochs 12] [--no-control]
@@ -61,7 +61,7 @@ def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     recipes = group_choices("recipe")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--budgets", type=float, nargs="+", default=[0.7, 0.5, 0.35, 0.25])
+    parser.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.35, 0.25])
     parser.add_argument("--seeds", type=int, nargs="+", default=[1234, 1235])
     parser.add_argument("--recipes", nargs="+", choices=recipes, default=recipes)
     parser.add_argument("--train-limit", type=int, default=8000)
@@ -296,6 +296,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"wall time {wall:.0f} s (rows cached under {args.output_root / 'rows'} are reused)")
     print(recipe_table.cost_line(rows, wall, trained if info["source"] == "trained" else None))
     for line in recipe_table.paired_lines(rows, [*args.recipes, CONTROL]):
+        print(line)
+    for line in recipe_table.refereed(rows):
         print(line)
     print(recipe_table.summary(entries, rows))
     print(recipe_table.ONE_BASELINE)

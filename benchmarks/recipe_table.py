@@ -12,6 +12,16 @@ import numpy as np
 from pipeline.measure.uncertainty import accuracy_change, unpack_outcomes
 
 CONTROL = "control"
+# Each contender and the recipes it may run as: per budget, the one with the best mean validation
+# accuracy stands for it (the test set chooses nothing). A recipe of no family is its own.
+FAMILIES = {
+    "reference": ("reference", "reference_kenning"),
+    "torch_pruning": ("torch_pruning", "torch_pruning_global"),
+    "pipeline": ("default",),
+}
+# The refereed targets: the pipeline's best never behind Torch-Pruning's best (paired interval)
+# and ahead at this many budgets.
+AHEAD_AT_LEAST = 2
 # The summary's targets: points lost by the default at MACs 0.5; the default's loss as a share
 # of the reference's at 0.35 and 0.25; the control's gain above which the baseline is called
 # not converged.
@@ -186,6 +196,83 @@ def paired_lines(rows: list[dict], recipes: list[str]) -> list[str]:
                 f" over {change['images']} image-seed pairs, McNemar p={change['p_value']:.2g}: "
                 f"{change['verdict']}"
             )
+    return lines
+
+
+def family_of(recipe: str) -> str:
+    return next((name for name, members in FAMILIES.items() if recipe in members), recipe)
+
+
+def family_bests(rows: list[dict]) -> dict[tuple[float, str], str]:
+    """(budget, family) -> the family's recipe with the best mean validation accuracy there."""
+    scores: dict[tuple[float, str], dict[str, list[float]]] = {}
+    for row in rows:
+        if row["budget"] is None or row.get("val_accuracy") is None:
+            continue
+        family = scores.setdefault((row["budget"], family_of(row["recipe"])), {})
+        family.setdefault(row["recipe"], []).append(row["val_accuracy"])
+    return {
+        key: max(recipes, key=lambda recipe: statistics.fmean(recipes[recipe]))
+        for key, recipes in scores.items()
+    }
+
+
+def refereed(rows: list[dict]) -> list[str]:
+    """The issue's targets on each family at its best per budget (chosen on validation): the
+    pipeline against Torch-Pruning, paired (never behind, ahead at AHEAD_AT_LEAST budgets), the
+    pipeline's loss against the reference's at LOSS_SHARE_BUDGETS, and the default's loss at
+    0.5; one line each, with the recipes that stood for each family."""
+    bests = family_bests(rows)
+    budgets = sorted({budget for budget, _ in bests}, reverse=True)
+
+    def chosen(budget: float, family: str) -> list[dict]:
+        recipe = bests.get((budget, family))
+        return [r for r in rows if r["budget"] == budget and r["recipe"] == recipe]
+
+    def lost(group: list[dict]) -> float:
+        return statistics.fmean(r["points_lost"] for r in group)
+
+    lines, standings = [], []
+    for budget in budgets:
+        mine, theirs = chosen(budget, "pipeline"), chosen(budget, "torch_pruning")
+        if not mine or not theirs:
+            continue
+        change = paired_difference(mine, theirs)
+        names = f"{mine[0]['recipe']} - {theirs[0]['recipe']}"
+        if change is None:
+            lines.append(f"refereed MACs {budget:g}: {names}: no per-image outcomes")
+            continue
+        standings.append(change["verdict"])
+        lines.append(
+            f"refereed MACs {budget:g}: pipeline best - Torch-Pruning best ({names}): "
+            f"{change['points']:+.2f} pts [{change['ci_low']:+.2f}, {change['ci_high']:+.2f}], "
+            f"McNemar p={change['p_value']:.2g}: {change['verdict']}"
+        )
+    if standings:
+        ahead = standings.count("ahead")
+        never_behind = "behind" not in standings
+        lines.append(
+            f"refereed: pipeline never behind Torch-Pruning: {verdict(never_behind)}; ahead at "
+            f"{ahead} of {len(standings)} budgets (target >= {AHEAD_AT_LEAST}: "
+            f"{verdict(ahead >= AHEAD_AT_LEAST)})"
+        )
+    for budget in LOSS_SHARE_BUDGETS:
+        mine, reference = chosen(budget, "pipeline"), chosen(budget, "reference")
+        if mine and reference:
+            share = max(lost(mine), 0.0) / lost(reference) if lost(reference) > 0 else None
+            shown = "n/a" if share is None else f"{share:.3f}"
+            met = verdict(share is not None and share <= LOSS_SHARE_TARGET)
+            lines.append(
+                f"refereed MACs {budget:g}: {mine[0]['recipe']} loses {lost(mine):.2f} pts, "
+                f"{reference[0]['recipe']} {lost(reference):.2f}: share {shown} (target <= "
+                f"{LOSS_SHARE_TARGET:.3f}: {met})"
+            )
+    default = [r for r in rows if r["budget"] == 0.5 and r["recipe"] == "default"]
+    if default:
+        lines.append(
+            f"refereed MACs 0.5: default loses {lost(default):.2f} pts (target <= "
+            f"{DEFAULT_LOSS_TARGET}: {verdict(lost(default) <= DEFAULT_LOSS_TARGET)})"
+        )
     return lines
 
 

@@ -192,6 +192,47 @@ def test_recipes_are_compared_image_by_image_against_the_best_peer_on_validation
     assert table.paired_difference(old[:1], old[1:2]) is None
 
 
+def test_each_family_is_refereed_at_its_best_on_validation(table):
+    """Per budget each family runs as its member with the best validation accuracy, and the
+    targets are read on those: paired against Torch-Pruning, loss shares against the reference."""
+    rng = random.Random(1)
+    images = 500
+    # Test accuracy per recipe; validation prefers torch_pruning_global (worse on test) and
+    # reference_kenning, so the test set's favourites must not be the ones compared.
+    test = {
+        "default": 0.90, "torch_pruning": 0.89, "torch_pruning_global": 0.80,
+        "reference": 0.86, "reference_kenning": 0.84,
+    }  # fmt: skip
+    val = {
+        "default": 0.9, "torch_pruning": 0.7, "torch_pruning_global": 0.8,
+        "reference": 0.7, "reference_kenning": 0.8,
+    }  # fmt: skip
+    rows = []
+    for seed in (0, 1):
+        for budget in (0.5, 0.35, 0.25):
+            for name, p in test.items():
+                correct = [rng.random() < p for _ in range(images)]
+                row = made_up_row(name, budget, seed, sum(correct) / images)
+                rows.append(with_outcomes(row, correct, val[name]))
+    bests = table.family_bests(rows)
+    assert bests[(0.5, "torch_pruning")] == "torch_pruning_global"
+    assert bests[(0.35, "reference")] == "reference_kenning"
+    assert bests[(0.25, "pipeline")] == "default"
+    lines = table.refereed(rows)
+    assert lines[0].startswith(
+        "refereed MACs 0.5: pipeline best - Torch-Pruning best (default - torch_pruning_global): +"
+    )
+    assert lines[0].endswith(": ahead")  # 90 % against 80 % over 1,000 pairs
+    assert lines[3].startswith(
+        "refereed: pipeline never behind Torch-Pruning: met; ahead at 3 of 3"
+    )
+    assert (
+        lines[4].startswith("refereed MACs 0.35: default loses ")
+        and "reference_kenning" in (lines[4])
+    )
+    assert lines[-1].startswith("refereed MACs 0.5: default loses ")
+
+
 def test_a_resumed_benchmark_states_the_cost_of_its_cached_rows(recipe, table, tmp_path):
     path = tmp_path / "rows" / "default-b0.5-s1.json"
     here = {"baseline_sha256": "ab", "cpu": "this CPU", "torch": "2.x"}
@@ -266,6 +307,7 @@ def test_the_benchmark_runs_the_pipeline_and_resumes(recipe, tmp_path, capsys):
         assert row["outcomes"]["images"] == 60  # the test images, one bit each
     out = capsys.readouterr().out
     assert "(best other on validation):" in out
+    assert "refereed: pipeline never behind Torch-Pruning:" in out
     assert "MACs 0.5: default loses" in out and "control (fine-tuning alone" in out
     recipe.main(argv)
     again = json.loads((tmp_path / "rows.json").read_text())
