@@ -5,6 +5,7 @@ Pareto plot."""
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -161,17 +162,28 @@ def standing(change: dict) -> str:
     return "behind" if change["ci_high"] < 0 else "level"
 
 
-def best_on_validation(rows: list[dict], budget: float, exclude: str) -> str | None:
-    """The recipe other than `exclude` with the best mean validation accuracy at `budget`: the
-    peer a recipe is compared with, chosen without reading the test set."""
+def rows_of(rows: list[dict], budget: float, recipe: str | None) -> list[dict]:
+    """The rows (one per seed) of `recipe` at `budget`."""
+    return [r for r in rows if r["budget"] == budget and r["recipe"] == recipe]
+
+
+def best_on_validation(rows: list[dict], keep: Callable[[dict], bool]) -> str | None:
+    """Among the rows `keep` accepts, the recipe with the best mean validation accuracy: the
+    test set chooses nothing."""
     scores: dict[str, list[float]] = {}
     for row in rows:
-        peer = row["budget"] == budget and row["recipe"] not in (exclude, CONTROL)
-        if peer and row.get("val_accuracy") is not None:
+        if keep(row) and row.get("val_accuracy") is not None:
             scores.setdefault(row["recipe"], []).append(row["val_accuracy"])
     if not scores:
         return None
     return max(scores, key=lambda recipe: statistics.fmean(scores[recipe]))
+
+
+def best_other(rows: list[dict], budget: float, exclude: str) -> str | None:
+    """The peer a recipe is compared with: the best other recipe on validation at `budget`."""
+    return best_on_validation(
+        rows, lambda r: r["budget"] == budget and r["recipe"] not in (exclude, CONTROL)
+    )
 
 
 def paired_lines(rows: list[dict], recipes: list[str]) -> list[str]:
@@ -181,12 +193,10 @@ def paired_lines(rows: list[dict], recipes: list[str]) -> list[str]:
     budgets = sorted({r["budget"] for r in rows if r["budget"] is not None}, reverse=True)
     for budget in budgets:
         for recipe in recipes:
-            mine = [r for r in rows if r["budget"] == budget and r["recipe"] == recipe]
-            peer = best_on_validation(rows, budget, recipe)
+            mine, peer = rows_of(rows, budget, recipe), best_other(rows, budget, recipe)
             if not mine or peer is None:
                 continue
-            theirs = [r for r in rows if r["budget"] == budget and r["recipe"] == peer]
-            change = paired_difference(mine, theirs)
+            change = paired_difference(mine, rows_of(rows, budget, peer))
             if change is None:
                 lines.append(f"{budget:>5g} {recipe:>13} vs {peer}: no per-image outcomes")
                 continue
@@ -205,16 +215,14 @@ def family_of(recipe: str) -> str:
 
 def family_bests(rows: list[dict]) -> dict[tuple[float, str], str]:
     """(budget, family) -> the family's recipe with the best mean validation accuracy there."""
-    scores: dict[tuple[float, str], dict[str, list[float]]] = {}
-    for row in rows:
-        if row["budget"] is None or row.get("val_accuracy") is None:
-            continue
-        family = scores.setdefault((row["budget"], family_of(row["recipe"])), {})
-        family.setdefault(row["recipe"], []).append(row["val_accuracy"])
-    return {
-        key: max(recipes, key=lambda recipe: statistics.fmean(recipes[recipe]))
-        for key, recipes in scores.items()
+    keys = {(r["budget"], family_of(r["recipe"])) for r in rows if r["budget"] is not None}
+    bests = {
+        key: best_on_validation(
+            rows, lambda r, key=key: (r["budget"], family_of(r["recipe"])) == key
+        )
+        for key in keys
     }
+    return {key: recipe for key, recipe in bests.items() if recipe is not None}
 
 
 def refereed(rows: list[dict]) -> list[str]:
@@ -226,8 +234,7 @@ def refereed(rows: list[dict]) -> list[str]:
     budgets = sorted({budget for budget, _ in bests}, reverse=True)
 
     def chosen(budget: float, family: str) -> list[dict]:
-        recipe = bests.get((budget, family))
-        return [r for r in rows if r["budget"] == budget and r["recipe"] == recipe]
+        return rows_of(rows, budget, bests.get((budget, family)))
 
     def lost(group: list[dict]) -> float:
         return statistics.fmean(r["points_lost"] for r in group)
@@ -267,7 +274,7 @@ def refereed(rows: list[dict]) -> list[str]:
                 f"{reference[0]['recipe']} {lost(reference):.2f}: share {shown} (target <= "
                 f"{LOSS_SHARE_TARGET:.3f}: {met})"
             )
-    default = [r for r in rows if r["budget"] == 0.5 and r["recipe"] == "default"]
+    default = rows_of(rows, 0.5, "default")
     if default:
         lines.append(
             f"refereed MACs 0.5: default loses {lost(default):.2f} pts (target <= "
@@ -282,10 +289,7 @@ def accuracy_gaps(by: dict, budgets: list[float], other: str, rows: list[dict] =
     gaps = []
     for budget in budgets:
         default, peer = by.get((budget, "default")), by.get((budget, other))
-        at = [r for r in rows if r["budget"] == budget]
-        change = paired_difference(
-            [r for r in at if r["recipe"] == "default"], [r for r in at if r["recipe"] == other]
-        )
+        change = paired_difference(rows_of(rows, budget, "default"), rows_of(rows, budget, other))
         if default and peer and change is not None:
             gaps.append(
                 f"{budget:g}: {change['points']:+.2f} [{change['ci_low']:+.2f}, "

@@ -165,8 +165,8 @@ def test_recipes_are_compared_image_by_image_against_the_best_peer_on_validation
         for budget in (0.5, 0.35)
         for name in ("default", "peer", "weak")
     ]
-    assert table.best_on_validation(rows, 0.5, "default") == "weak"
-    assert table.best_on_validation(rows, 0.35, "default") == "peer"
+    assert table.best_other(rows, 0.5, "default") == "weak"
+    assert table.best_other(rows, 0.35, "default") == "peer"
     at = [r for r in rows if r["budget"] == 0.35]
     change = table.paired_difference(
         [r for r in at if r["recipe"] == "default"], [r for r in at if r["recipe"] == "peer"]

@@ -126,7 +126,7 @@ def summary_rows(outcomes: list[JobOutcome]) -> list[list[str]]:
                 macs,
                 size,
                 _latency(record),
-                *(_batch_latency(record, size) for size in extra),
+                *(_batch_latency(record, batch) for batch in extra),
                 str(len(record.get("finetune_history") or [])),
                 outcome.status,
                 "yes" if on_front[id(outcome)] else "",

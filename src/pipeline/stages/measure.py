@@ -155,11 +155,7 @@ def timed_pair(
     )
     if device.type != "cuda":
         return pair, None
-    memory = {
-        side: peak_memory_mb(form, input_shape, device, batch_size, settings.channels_last)
-        for side, form in forms.items()
-    }
-    return pair, memory
+    return pair, peak_memory_pair(forms, input_shape, device, batch_size, settings.channels_last)
 
 
 def _time_prepared(
@@ -249,10 +245,10 @@ def speed(
         row["baseline_ms"] = _latency_report(timing.baseline)
         row["pruned_ms"] = _latency_report(timing.pruned)
         if device.type == "cuda":
-            row["peak_memory_mb"] = {
-                side: peak_memory_mb(form, input_shape, device, size, settings.channels_last)
-                for side, form in (("baseline", baseline), ("pruned", pruned))
-            }
+            forms = {"baseline": baseline, "pruned": pruned}
+            row["peak_memory_mb"] = peak_memory_pair(
+                forms, input_shape, device, size, settings.channels_last
+            )
         rows.append(row)
     first = timings[sizes[0]]
     ratio = {k: v for k, v in rows[0].items() if k not in ("baseline_ms", "pruned_ms")}
@@ -263,6 +259,20 @@ def speed(
         for stats, many in ((first.baseline, batched.baseline), (first.pruned, batched.pruned))
     ]
     return sides[0], sides[1], ratio, rows
+
+
+def peak_memory_pair(
+    forms: dict[str, nn.Module],
+    input_shape: tuple[int, ...],
+    device: torch.device,
+    batch_size: int,
+    channels_last: bool,
+) -> dict[str, float | None]:
+    """peak_memory_mb of each of a pair's forms ({"baseline": ..., "pruned": ...})."""
+    return {
+        side: peak_memory_mb(form, input_shape, device, batch_size, channels_last)
+        for side, form in forms.items()
+    }
 
 
 @torch.inference_mode()
