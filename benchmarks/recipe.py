@@ -3,7 +3,7 @@
     python benchmarks/recipe.py [hydra overrides ...] [--budgets 0.5 0.35 0.25]
                                 [--seeds 1234 1235] [--recipes reference default]
                                 [--train-limit 8000] [--baseline-epochs 80]
-                                [--finetune-epochs 12] [--no-control]
+                                [--finetune-epochs 12] [--no-control] [--validation-only]
                                 [--output-root outputs/benchmarks/recipe] [--plot PNG] [--json PATH]
 
 A recipe is a config preset, conf/recipe/<name>.yaml (`python -m pipeline +recipe=<name>` runs
@@ -17,6 +17,12 @@ same stage functions. Each row is stored as JSON under --output-root/rows, named
 identity of its run (pipeline.config.identity), with the seconds it took: an interrupted
 benchmark resumes where it stopped, and a row whose settings changed is computed again.
 The table, summary and plot: recipe_table.py.
+
+A setting is chosen on validation data, never on the test set: with --validation-only the rows
+print only what the validation split says (the best fine-tuning epoch's accuracy), e.g. to
+decide a default with the default recipe and one override:
+    python benchmarks/recipe.py --recipes default --budgets 0.25 --seeds 1234 --no-control \
+        --validation-only pruner.activation=relu
 """
 
 from __future__ import annotations
@@ -85,6 +91,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="skip the control rows (for trying a recipe change; the table then cannot say "
         "whether the baseline is converged)",
     )
+    parser.add_argument(
+        "--validation-only",
+        action="store_true",
+        help="print each row's validation accuracy and nothing from the test set (for choosing "
+        "a setting; the table reads the test set once per row)",
+    )
     parser.add_argument("--output-root", type=Path, default=Path("outputs/benchmarks/recipe"))
     parser.add_argument("--plot", type=Path, default=None, help="default: <output-root>/...")
     parser.add_argument("--json", type=Path, default=None, help="write rows and aggregates here")
@@ -115,7 +127,9 @@ def settings_for(args: argparse.Namespace, seed: int, recipe: str, *extra: str) 
 def ensure_baseline(args: argparse.Namespace) -> dict:
     """Train (or find) the one baseline with the first seed, as pipeline.run would (same
     seeding, same cache entry); every row then loads it as baseline.checkpoint."""
-    settings = settings_for(args, args.seeds[0], "default")
+    # The first recipe's settings: the overrides may be ones only it accepts (pruner.global_pruning
+    # with a Torch-Pruning recipe); the baseline's key is the same for every recipe.
+    settings = settings_for(args, args.seeds[0], args.recipes[0])
     path = baseline_cache_path(settings)
     if path is None:
         raise SystemExit("recipe.py needs baseline.cache=true and no baseline.checkpoint")
@@ -262,6 +276,23 @@ def all_rows(args: argparse.Namespace, checkpoint: Path, origin: dict) -> list[d
     return rows
 
 
+def validation_lines(rows: list[dict], overrides: list[str], images: int) -> list[str]:
+    """One line per row with what may choose a setting: its validation accuracy (the best
+    epoch's) with a 95 % normal interval over the validation images, its sparsity and MACs."""
+    lines = [f"# validation only; overrides: {' '.join(overrides) or 'none'}"]
+    for row in rows:
+        val = row["val_accuracy"]
+        half = 1.96 * (val * (1 - val) / images) ** 0.5 if val is not None else 0.0
+        shown = "n/a" if val is None else f"{val:.4f} +-{half:.4f}"
+        budget = "none" if row["budget"] is None else f"{row['budget']:g}"
+        lines.append(
+            f"{row['recipe']} MACs {budget} seed {row['seed']}: validation accuracy {shown} "
+            f"over {images} images, sparsity {row['sparsity']:.4f}, MACs ratio "
+            f"{row['macs_ratio']:.4f}"
+        )
+    return lines
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     common.quiet_warnings()
@@ -269,6 +300,10 @@ def main(argv: list[str] | None = None) -> None:
     info = ensure_baseline(args)
     origin = provenance(info["path"])  # hashed once: every row and the output name it
     rows = all_rows(args, info["path"], origin)
+    if args.validation_only:
+        splits = instantiate(settings_for(args, args.seeds[0], args.recipes[0]).dataset)
+        print("\n".join(validation_lines(rows, args.overrides, len(splits.val))))
+        return
     entries = recipe_table.aggregate(rows, [*args.recipes, CONTROL])
     trained = info["train_seconds"]
     trained_text = "unknown" if trained is None else f"{trained:.0f} s"

@@ -18,7 +18,7 @@ CONTROL = "control"
 FAMILIES = {
     "reference": ("reference", "reference_kenning"),
     "torch_pruning": ("torch_pruning", "torch_pruning_global"),
-    "pipeline": ("default",),
+    "pipeline": ("default", "pipeline_tp"),
 }
 # The refereed targets: the pipeline's best never behind Torch-Pruning's best (paired interval)
 # and ahead at this many budgets.

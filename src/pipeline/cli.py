@@ -21,6 +21,7 @@ from omegaconf import DictConfig
 from pipeline.checks.preflight import check_inputs, check_tracking_server
 from pipeline.checks.settings import settings_from
 from pipeline.checks.sweep_plan import check_command_line
+from pipeline.config.budget_pruner import budget_pruner_override
 from pipeline.config.compose import SEARCH_PATH, compose
 from pipeline.config.identity import config_identity
 from pipeline.config.schema import BUDGET_KINDS
@@ -214,6 +215,16 @@ def _terminate(signum, frame):
 
 def main() -> None:
     signal.signal(signal.SIGTERM, _terminate)
+    chosen = budget_pruner_override(sys.argv[1:])
+    if chosen is not None:
+        sys.argv.append(chosen)
+        if launched_world().main:
+            print(
+                f"note: a budget run without a pruner prunes with {chosen} (the default for "
+                "budgets; pruner=mean_rank for NNI's)",
+                file=sys.stderr,
+                flush=True,
+            )
     args = sys.argv[1:]
     if not any(arg in ("--help", "-h", "--hydra-help", "--info", "-i") for arg in args):
         try:
