@@ -231,7 +231,19 @@ def test_each_family_is_refereed_at_its_best_on_validation(table):
         lines[4].startswith("refereed MACs 0.35: pipeline_tp loses ")
         and "reference_kenning" in (lines[4])
     )
-    assert lines[-1].startswith("refereed MACs 0.5: default loses ")
+    # The target at 0.5 is read on the recipe a budget run defaults to; mean_rank's beside it.
+    assert lines[-2].startswith("refereed MACs 0.5: pipeline_tp (the default for budgets) loses ")
+    assert lines[-1].startswith("refereed MACs 0.5: default (mean_rank) loses ")
+
+
+def test_the_default_for_budgets_is_the_recipe_a_budget_run_composes(recipe, table):
+    from pipeline.config.budget_pruner import budget_pruner_override
+
+    project = recipe.common.project_settings
+    plain = ["budget.macs=0.5"]
+    as_run = project([*plain, budget_pruner_override(plain)])
+    as_recipe = project([*plain, f"+recipe={table.DEFAULT_FOR_BUDGETS}"])
+    assert config_identity(as_run) == config_identity(as_recipe)
 
 
 def test_a_setting_is_chosen_from_validation_lines_that_show_no_test_figure(recipe):
