@@ -59,6 +59,7 @@ def test_a_recipe_is_a_config_preset_the_pipeline_runs(recipe):
     assert reference.finetune.optimizer["_target_"] == "torch.optim.Adam"
     default = recipe.settings_for(args, 1, "default")
     assert default.pruner.iterations > 1
+    assert default.budget.tolerance == 0.01  # every recipe's MACs within 0.01 of the budget
     # The default recipe is the project's defaults: the same job as no recipe at all.
     project = recipe.common.project_settings
     assert config_identity(project(["+recipe=default"])) == config_identity(project([]))
