@@ -155,6 +155,7 @@ def ensure_baseline(args: argparse.Namespace) -> dict:
         "source": result.source,
         "train_seconds": seconds if result.source == "trained" else earlier.get("seconds"),
         "convergence": result.convergence.as_dict() if result.convergence else None,
+        "val_images": len(splits.val),
     }
 
 
@@ -304,8 +305,7 @@ def main(argv: list[str] | None = None) -> None:
     origin = provenance(info["path"])  # hashed once: every row and the output name it
     rows = all_rows(args, info["path"], origin)
     if args.validation_only:
-        splits = instantiate(settings_for(args, args.seeds[0], args.recipes[0]).dataset)
-        print("\n".join(validation_lines(rows, args.overrides, len(splits.val))))
+        print("\n".join(validation_lines(rows, args.overrides, info["val_images"])))
         return
     entries = recipe_table.aggregate(rows, [*args.recipes, CONTROL])
     trained = info["train_seconds"]

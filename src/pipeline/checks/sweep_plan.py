@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from pipeline.checks.preflight import check_inputs, check_tracking_server
 from pipeline.checks.settings import settings_from
 from pipeline.config.compose import compose
-from pipeline.config.schema import BUDGET_KINDS
+from pipeline.config.schema import budget_overrides
 from pipeline.errors import ConfigError
 from pipeline.tracking.store import tracking_store
 
@@ -100,11 +100,7 @@ def check_command_line(args: list[str]) -> list[ConfigError]:
 def check_budget_or_sparsity(overrides: list[str]) -> None:
     """A budget replaces the sparsity: a command line that names both is refused."""
     given = dict(override.lstrip("+").partition("=")[::2] for override in overrides)
-    budgets = [
-        f"{key}={value}"
-        for key, value in given.items()
-        if key.removeprefix("budget.") in BUDGET_KINDS and value not in ("null", "")
-    ]
+    budgets = budget_overrides(given)
     if budgets and "sparsity" in given:
         raise ConfigError(
             f"{budgets[0]} replaces sparsity, and sparsity={given['sparsity']} is given too; "

@@ -13,7 +13,7 @@ sweep=) keeps its own: `pruner=mean_rank sparsity=0.15` is the mission's flow un
 
 from __future__ import annotations
 
-from pipeline.config.schema import BUDGET_KINDS
+from pipeline.config.schema import budget_overrides
 
 BUDGET_PRUNER = "tp_magnitude"
 # Override keys (their first part) that choose or configure the pruner, or select a preset.
@@ -29,6 +29,5 @@ def budget_pruner_override(args: list[str]) -> str | None:
             continue
         key, _, value = arg.lstrip("+~").partition("=")
         given[key] = value
-    budget = any(given.get(f"budget.{kind}", "null") not in ("null", "") for kind in BUDGET_KINDS)
     chosen = any(key.split(".")[0].split("@")[0] in CHOOSERS for key in given)
-    return f"pruner={BUDGET_PRUNER}" if budget and not chosen else None
+    return f"pruner={BUDGET_PRUNER}" if budget_overrides(given) and not chosen else None

@@ -398,6 +398,16 @@ class BudgetSettings:
 BUDGET_KINDS = ("macs", "params", "latency")
 
 
+def budget_overrides(given: dict[str, str]) -> list[str]:
+    """The `budget.KIND=VALUE` entries of a command line's overrides (key -> value) that ask for
+    a budget (a value other than null)."""
+    return [
+        f"{key}={value}"
+        for key, value in given.items()
+        if key.removeprefix("budget.") in BUDGET_KINDS and value not in ("null", "")
+    ]
+
+
 def asked_budget(budget: BudgetSettings | Any) -> tuple[str, float] | None:
     """The cost target the settings ask for, (kind, ratio), or None; two at once are refused."""
     given = [(kind, getattr(budget, kind)) for kind in BUDGET_KINDS if getattr(budget, kind)]
