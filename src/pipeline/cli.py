@@ -218,13 +218,6 @@ def main() -> None:
     chosen = budget_pruner_override(sys.argv[1:])
     if chosen is not None:
         sys.argv.append(chosen)
-        if launched_world().main:
-            print(
-                f"note: a budget run without a pruner prunes with {chosen} (the default for "
-                "budgets; pruner=mean_rank for NNI's)",
-                file=sys.stderr,
-                flush=True,
-            )
     args = sys.argv[1:]
     if not any(arg in ("--help", "-h", "--hydra-help", "--info", "-i") for arg in args):
         try:
@@ -236,6 +229,14 @@ def main() -> None:
             sys.exit(2)
         for error in doomed:
             print(f"warning: a job of this sweep will fail: {error}", file=sys.stderr, flush=True)
+    if chosen is not None and launched_world().main:
+        # After the check, so that a rejected command line still prints its one line only.
+        print(
+            f"note: a budget run without a pruner prunes with {chosen} (the default for "
+            "budgets; pruner=mean_rank for NNI's)",
+            file=sys.stderr,
+            flush=True,
+        )
     world = launched_world()
     if world.distributed and world.rank > 0:
         # Rank 0 keeps the run folder; another rank's Hydra folder and log go to a temporary
