@@ -34,6 +34,9 @@ DEFAULT_LOSS_TARGET = 0.5
 LOSS_SHARE_BUDGETS = (0.35, 0.25)
 LOSS_SHARE_TARGET = 1 / 3
 CONTROL_GAIN_LIMIT = 0.3
+# Every row's MACs at most its budget and no more than this below it: recipes compared at one
+# model size (benchmarks/recipe.py runs with budget.tolerance at this value).
+MACS_WINDOW = 0.01
 
 
 def spread(values: list[float]) -> dict:
@@ -278,6 +281,7 @@ def refereed(rows: list[dict]) -> list[str]:
                 f"{reference[0]['recipe']} {lost(reference):.2f}: share {shown} (target <= "
                 f"{LOSS_SHARE_TARGET:.3f}: {met})"
             )
+    lines.append(macs_window_line(rows))
     for recipe in dict.fromkeys((DEFAULT_FOR_BUDGETS, "default")):
         default = rows_of(rows, 0.5, recipe)
         if default:
@@ -287,6 +291,26 @@ def refereed(rows: list[dict]) -> list[str]:
                 f"{DEFAULT_LOSS_TARGET}: {verdict(lost(default) <= DEFAULT_LOSS_TARGET)})"
             )
     return lines
+
+
+def macs_window_line(rows: list[dict]) -> str:
+    """Whether every pruned row's MACs ratio lies in [budget - MACS_WINDOW, budget], naming the
+    rows outside (a budget search whose whole-channel steps jump over the window)."""
+    pruned = [row for row in rows if row["budget"] is not None]
+    outside = [
+        row
+        for row in pruned
+        if not row["budget"] - MACS_WINDOW - 1e-9 <= row["macs_ratio"] <= row["budget"]
+    ]
+    named = ", ".join(
+        f"{row['recipe']} seed {row['seed']} at MACs {row['budget']:g}: {row['macs_ratio']:.4f}"
+        for row in outside
+    )
+    return (
+        f"refereed: every row's MACs within {MACS_WINDOW} below its budget: "
+        f"{verdict(not outside)} ({len(pruned) - len(outside)} of {len(pruned)} rows"
+        + (f"; outside: {named})" if outside else ")")
+    )
 
 
 def accuracy_gaps(by: dict, budgets: list[float], other: str, rows: list[dict] = ()) -> str:

@@ -8,7 +8,13 @@ from pipeline.checks.settings import settings_from
 from pipeline.checks.sweep_plan import check_command_line
 from pipeline.config.compose import compose
 from pipeline.errors import ConfigError
-from pipeline.pruning.budget import MAX_SPARSITY, find_sparsity
+from pipeline.pruning.budget import (
+    MAX_SPARSITY,
+    NARROW,
+    NARROW_UNROUNDED,
+    find_sparsity,
+    within_budget,
+)
 from pipeline.run import run
 
 
@@ -42,6 +48,48 @@ def test_a_noisy_ratio_still_ends_at_or_below_the_target():
     sparsity, ratio, evaluations = find_sparsity(noisy, 0.6, 0.02, "budget.latency")
     assert ratio <= 0.6 and len(evaluations) <= 11
     assert {"sparsity": sparsity, "ratio": ratio} in evaluations
+
+
+def nni_like_cost(sparsity: float) -> float:
+    """NNI's one-shot counts on MobileNetV2 at MACs 0.5 (the recipe benchmark's reference): a
+    ratio falling by one channel of a wide layer at a time, and every narrow width (a multiple
+    of 8) losing a channel more at 0.25 at once, a drop of 0.017."""
+    # Through the probes the reference's search made: 0.2455 -> 0.5017, 0.2504 -> 0.4844,
+    # 0.2947 -> 0.4210; the window [0.49, 0.5] holds sparsities 0.2474 to 0.25 only.
+    ratio = (
+        0.5017 - 0.9 * (sparsity - 0.2455)
+        if sparsity < 0.25
+        else 0.4844 - 1.43 * (sparsity - 0.2504)
+    )
+    return round(ratio * 1280) / 1280
+
+
+def test_without_rounding_the_search_narrows_past_a_jump_into_the_window():
+    # The window [0.49, 0.5] lies just below the jump, in a bracket narrower than NARROW: the
+    # search stopped there at 0.484 before it narrowed finer with every layer's own counts.
+    sparsity, ratio, evaluations = find_sparsity(
+        nni_like_cost, 0.5, 0.01, "budget.macs", NARROW_UNROUNDED
+    )
+    assert 0.49 <= ratio <= 0.5 and sparsity < 0.25
+    assert len(evaluations) <= 11
+    _, coarse, _ = find_sparsity(nni_like_cost, 0.5, 0.01, "budget.macs", NARROW)
+    assert coarse < 0.49  # what the rounded search's bracket allows: the reason for the finer one
+
+
+@pytest.mark.parametrize(
+    ("kind", "final", "met"),
+    [
+        ("macs", 0.4950, True),
+        ("macs", 0.5000, True),
+        ("macs", 0.5003, False),  # over the budget
+        ("macs", 0.4887, False),  # pruned past the window: not the model asked for
+        ("params", 0.4899, False),
+        ("latency", 0.30, True),  # a noisy measured ratio: at most the target only
+        ("latency", 0.51, False),
+    ],
+)
+def test_a_budget_is_met_only_within_its_window(kind, final, met):
+    assert within_budget(kind, 0.5, 0.01, final) is met
 
 
 def test_a_target_below_the_most_pruned_model_is_refused():

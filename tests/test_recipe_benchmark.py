@@ -232,9 +232,24 @@ def test_each_family_is_refereed_at_its_best_on_validation(table):
         lines[4].startswith("refereed MACs 0.35: pipeline_tp loses ")
         and "reference_kenning" in (lines[4])
     )
+    assert (
+        lines[-3] == "refereed: every row's MACs within 0.01 below its budget: met (36 of 36 rows)"
+    )
     # The target at 0.5 is read on the recipe a budget run defaults to; mean_rank's beside it.
     assert lines[-2].startswith("refereed MACs 0.5: pipeline_tp (the default for budgets) loses ")
     assert lines[-1].startswith("refereed MACs 0.5: default (mean_rank) loses ")
+
+
+def test_a_row_outside_the_macs_window_is_named(table):
+    rows = [made_up_row(name, 0.35, 1, 0.88) for name in ("default", "torch_pruning")]
+    rows[1]["macs_ratio"] = 0.3387  # Torch-Pruning's quick-start jumps from 0.3503 to it
+    rows.append(made_up_row("control", None, 1, 0.9))
+    assert table.macs_window_line(rows) == (
+        "refereed: every row's MACs within 0.01 below its budget: MISSED (1 of 2 rows; "
+        "outside: torch_pruning seed 1 at MACs 0.35: 0.3387)"
+    )
+    rows[1]["macs_ratio"] = 0.3503  # over the budget is outside too
+    assert "MISSED" in table.macs_window_line(rows)
 
 
 def test_the_default_for_budgets_is_the_recipe_a_budget_run_composes(recipe, table):

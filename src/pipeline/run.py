@@ -22,7 +22,7 @@ from pipeline.models.pruned import export_onnx, save_pruned
 from pipeline.models.stats import count_params
 from pipeline.models.zoo import build_from_config
 from pipeline.out_of_memory import guarded_stages
-from pipeline.pruning.budget import BudgetSearch, sparsity_for_budget
+from pipeline.pruning.budget import BudgetSearch, sparsity_for_budget, within_budget
 from pipeline.pruning.budget import achieved as budget_achieved
 from pipeline.pruning.engine import engine_for
 from pipeline.pruning.steps import prune_step
@@ -362,7 +362,8 @@ def budget_summary(search: BudgetSearch, measurements: dict) -> dict:
     final = budget_achieved(
         search.kind, measurements["baseline"], measurements["pruned"], measurements["latency_ratio"]
     )
-    return search.as_dict() | {"final": final, "met": final <= search.target}
+    met = within_budget(search.kind, search.target, search.tolerance, final)
+    return search.as_dict() | {"final": final, "met": met}
 
 
 def final_metrics(record: dict) -> dict[str, float]:

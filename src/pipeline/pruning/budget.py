@@ -46,6 +46,12 @@ MAX_EVALUATIONS = 11
 # A bracket this narrow ends the search: on MobileNetV2 one channel in 16 of its widest layer
 # (1,280) is a sparsity step of 0.0125.
 NARROW = 0.01
+# With every layer's own count (no rounding) a step is one channel of the widest layer
+# (1/1,280 on MobileNetV2): a bracket of 0.01 can still hold the window. NNI one-shot at MACs
+# 0.5 probed 0.2455 -> 0.502 and 0.2504 -> 0.484 (every width a multiple of 8 loses a channel
+# more at 0.25) and stopped outside the window; Torch-Pruning's quick-start 0.2865 -> 0.505 and
+# 0.2947 -> 0.485 (recipe benchmark, tolerance 0.01).
+NARROW_UNROUNDED = 0.0005
 
 
 @dataclass
@@ -69,12 +75,17 @@ class BudgetSearch:
 
 
 def find_sparsity(
-    ratio_at: Callable[[float], float | None], target: float, tolerance: float, key: str
+    ratio_at: Callable[[float], float | None],
+    target: float,
+    tolerance: float,
+    key: str,
+    narrow: float = NARROW,
 ) -> tuple[float, float, list[dict]]:
     """A sparsity in (0, MAX_SPARSITY] whose ratio lands in [target - tolerance / 2, target]
     (where the steps of whole channels allow; else the smallest one found at or below `target`),
     its ratio, and every evaluation. `ratio_at` returns None where pruning is impossible (it
-    would empty a layer): too much, and never the answer.
+    would empty a layer): too much, and never the answer. A bracket narrower than `narrow` ends
+    the search (no step of the ratio worth a probe is left inside it).
 
     Each probe prunes a whole model, so probes are what costs. Channel pruning shrinks a layer's
     inputs and outputs together, so the ratio falls about as (1 - sparsity) ** p, p near 2 for
@@ -120,7 +131,7 @@ def find_sparsity(
             break
         # The ratios step with whole channels: where a step jumps over the window, a bracket
         # this narrow holds no other step worth a probe (a finer rounding may land instead).
-        if high is not None and high - low < NARROW:
+        if high is not None and high - low < narrow:
             break
         moved_low_before, moved_low = moved_low, sparsity == low
         if high is not None and moved_low == moved_low_before:
@@ -188,7 +199,8 @@ def sparsity_for_budget(
         # for a window.
         if kind == "latency" or target - search.achieved <= budget.tolerance:
             break
-        log.info(
+        # The last rounding's miss is the run's: the record says the budget was not met.
+        (log.info if round_to is not None else log.warning)(
             "budget.%s=%s: with round_to=%s the model lands at %.4f, outside the tolerance %s",
             kind,
             target,
@@ -272,8 +284,9 @@ def _search(
             return _latency_ratio(model, pruned, inputs, measure)
         return _cost(pruned, kind, shape) / base_cost
 
+    narrow = NARROW if pruner.round_to else NARROW_UNROUNDED
     sparsity, achieved, evaluations = find_sparsity(
-        ratio_at, target, budget.tolerance, f"budget.{kind}"
+        ratio_at, target, budget.tolerance, f"budget.{kind}", narrow
     )
     return BudgetSearch(
         kind, target, budget.tolerance, sparsity, achieved, evaluations, pruner.round_to
@@ -297,6 +310,16 @@ def _latency_ratio(
         baseline, pruned, inputs.input_shape, inputs.device, measure, batch, repeats
     )
     return latency_ratio(pair.baseline_rounds, pair.pruned_rounds)["ratio"]
+
+
+def within_budget(kind: str, target: float, tolerance: float, final: float) -> bool:
+    """Whether the final model meets its budget: at most the target, and for MACs and params no
+    more than the tolerance below it (a model pruned far past its budget is not the one asked
+    for, and recipes compared at a budget must be compared at one size). A measured latency
+    ratio is too noisy for a window: at most the target."""
+    if kind == "latency":
+        return final <= target
+    return target - tolerance <= final <= target
 
 
 def achieved(kind: str, baseline: dict, pruned: dict, latency: dict) -> float:

@@ -37,8 +37,14 @@ def notes(record: dict) -> list[str]:
     budget = (record.get("pruning") or {}).get("budget")
     if budget is not None:
         verdict = "met" if budget["met"] else "NOT met"
+        target, tolerance = budget["target"], budget["tolerance"]
+        asked = (
+            f"at most {target}"
+            if budget["kind"] == "latency"
+            else f"within [{target - tolerance:.4g}, {target}]"
+        )
         lines.append(
-            f"budget: {budget['kind']} at most {budget['target']} of the baseline's, {verdict}: "
+            f"budget: {budget['kind']} {asked} of the baseline's, {verdict}: "
             f"{budget['final']:.3f} (sparsity {budget['sparsity']:.4f}, found in "
             f"{len(budget['evaluations'])} prunings)"
         )
