@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 MAX_SPARSITY = 0.95
 # Names how find_sparsity searches. Results cached by sparsity-free settings (the recipe
 # benchmark's rows) record it: change it with any change that moves where a search lands.
-SEARCH_METHOD = "power-law interpolation in a bracket"
+SEARCH_METHOD = "power-law interpolation in a bracket; 0.0005 without rounding"
 # Probes of one search at most.
 MAX_EVALUATIONS = 11
 # A bracket this narrow ends the search: on MobileNetV2 one channel in 16 of its widest layer
