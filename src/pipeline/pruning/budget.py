@@ -195,9 +195,9 @@ def sparsity_for_budget(
         rounded = dataclasses.replace(pruner, round_to=round_to)
         search = _search(model, inputs, rounded, kind, target, budget, measure, base_cost, replay)
         evaluations += [entry | {"round_to": round_to} for entry in search.evaluations]
-        # A latency budget asks for at most the target only: measured ratios are too noisy
-        # for a window.
-        if kind == "latency" or target - search.achieved <= budget.tolerance:
+        # The window a run's budget is met in (within_budget): a finer rounding only where the
+        # search landed outside it.
+        if within_budget(kind, target, budget.tolerance, search.achieved):
             break
         # The last rounding's miss is the run's: the record says the budget was not met.
         (log.info if round_to is not None else log.warning)(
