@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.measure.uncertainty import accuracy_change, unpack_outcomes
+from pipeline.pruning.budget import within_budget
 
 CONTROL = "control"
 # Each contender and the recipes it may run as: per budget, the one with the best mean validation
@@ -34,8 +35,9 @@ DEFAULT_LOSS_TARGET = 0.5
 LOSS_SHARE_BUDGETS = (0.35, 0.25)
 LOSS_SHARE_TARGET = 1 / 3
 CONTROL_GAIN_LIMIT = 0.3
-# Every row's MACs at most its budget and no more than this below it: recipes compared at one
-# model size (benchmarks/recipe.py runs with budget.tolerance at this value).
+# Every row's MACs within this of its budget: recipes compared at one model size
+# (benchmarks/recipe.py runs with budget.tolerance at this value and budget.fallback=nearest:
+# at most the budget where a model lands below it, else the nearest on either side).
 MACS_WINDOW = 0.01
 
 
@@ -294,22 +296,31 @@ def refereed(rows: list[dict]) -> list[str]:
 
 
 def macs_window_line(rows: list[dict]) -> str:
-    """Whether every pruned row's MACs ratio lies in [budget - MACS_WINDOW, budget], naming the
-    rows outside (a budget search whose whole-channel steps jump over the window)."""
+    """Whether every pruned row's MACs ratio lies within MACS_WINDOW of its budget, naming the
+    rows outside (a budget search whose whole-channel steps jump over the window both ways)
+    and those over it (landed by budget.fallback=nearest: more MACs than the budget gives)."""
     pruned = [row for row in rows if row["budget"] is not None]
     outside = [
         row
         for row in pruned
-        if not row["budget"] - MACS_WINDOW - 1e-9 <= row["macs_ratio"] <= row["budget"]
+        if not within_budget(
+            "macs", row["budget"], MACS_WINDOW + 1e-9, row["macs_ratio"], "nearest"
+        )
     ]
-    named = ", ".join(
-        f"{row['recipe']} seed {row['seed']} at MACs {row['budget']:g}: {row['macs_ratio']:.4f}"
-        for row in outside
-    )
+    over = [row for row in pruned if row["macs_ratio"] > row["budget"] and row not in outside]
+
+    def named(some: list[dict]) -> str:
+        return ", ".join(
+            f"{row['recipe']} seed {row['seed']} at MACs {row['budget']:g}: {row['macs_ratio']:.4f}"
+            for row in some
+        )
+
     return (
-        f"refereed: every row's MACs within {MACS_WINDOW} below its budget: "
+        f"refereed: every row's MACs within {MACS_WINDOW} of its budget: "
         f"{verdict(not outside)} ({len(pruned) - len(outside)} of {len(pruned)} rows"
-        + (f"; outside: {named})" if outside else ")")
+        + (f"; outside: {named(outside)}" if outside else "")
+        + (f"; over it: {named(over)}" if over else "")
+        + ")"
     )
 
 

@@ -92,6 +92,81 @@ def test_a_budget_is_met_only_within_its_window(kind, final, met):
     assert within_budget(kind, 0.5, 0.01, final) is met
 
 
+@pytest.mark.parametrize(
+    ("kind", "final", "met"),
+    [
+        ("macs", 0.4950, True),
+        ("macs", 0.5003, True),  # the nearest landing, over the target by less than the window
+        ("params", 0.5100, True),
+        ("macs", 0.5101, False),
+        ("macs", 0.4899, False),
+        ("latency", 0.5003, False),  # measured: never let over its target
+    ],
+)
+def test_with_the_nearest_fallback_a_budget_is_met_within_the_window_on_either_side(
+    kind, final, met
+):
+    assert within_budget(kind, 0.5, 0.01, final, "nearest") is met
+
+
+# Torch-Pruning's quick-start at MACs 0.35 on the recipe benchmark's trained MobileNetV2, with
+# every layer's own count: one step from 0.3503 (sparsity up to 0.4138) to 0.3387 (0.4139).
+QUICK_START_PROBES = [(0.4020, 0.3621), (0.4138, 0.3503), (0.4139, 0.3387), (0.4216, 0.3312)]
+
+
+@pytest.mark.parametrize(
+    ("fallback", "kind", "sparsity", "ratio"),
+    [
+        ("below", "macs", 0.4139, 0.3387),  # the ceiling kept: 0.0113 under it
+        ("nearest", "macs", 0.4138, 0.3503),  # 0.0003 over it: the nearer
+        ("nearest", "latency", 0.4139, 0.3387),  # a measured ratio stays under its target
+    ],
+)
+def test_where_a_step_jumps_over_the_window_the_fallback_picks_the_model(
+    tiny, monkeypatch, fallback, kind, sparsity, ratio
+):
+    import torch
+
+    from conftest import digits_inputs
+    from pipeline.pruning import budget as budget_module
+
+    def search_with_the_jump(model, inputs, pruner, kind, target, budget, *rest):
+        evaluations = [{"sparsity": s, "ratio": r} for s, r in QUICK_START_PROBES]
+        below = min((e for e in evaluations if e["ratio"] <= target), key=lambda e: e["sparsity"])
+        return budget_module.BudgetSearch(
+            kind, target, budget.tolerance, below["sparsity"], below["ratio"], evaluations
+        )
+
+    monkeypatch.setattr(budget_module, "_search", search_with_the_jump)
+    settings = tiny(
+        f"budget.{kind}=0.35",
+        "budget.tolerance=0.01",
+        f"budget.fallback={fallback}",
+        "pruner.round_to=null",
+    )
+    search = budget_module.sparsity_for_budget(
+        torch.nn.Conv2d(3, 2, 1),  # only its cost is read: _search is the stand-in
+        digits_inputs(max_batches=1),
+        settings.pruner,
+        settings.budget,
+        settings.measure,
+    )
+    assert (search.sparsity, search.achieved) == (sparsity, ratio)
+    assert search.fallback == fallback and search.round_to is None
+    assert len(search.evaluations) == len(QUICK_START_PROBES)
+    met = within_budget(kind, 0.35, 0.01, search.achieved, search.fallback)
+    # Latency: at most its target, whatever the fallback; MACs: 0.3387 is outside the window.
+    assert met is (fallback == "nearest" or kind == "latency")
+
+
+def test_a_fallback_outside_its_choices_is_refused():
+    with pytest.raises(
+        ConfigError,
+        match=r"^budget.fallback='over' is not allowed; allowed values: below, nearest$",
+    ):
+        settings_from(compose(["budget.fallback=over"]))
+
+
 def test_a_target_below_the_most_pruned_model_is_refused():
     with pytest.raises(ConfigError, match=r"budget.macs=0.01 cannot be reached"):
         find_sparsity(lambda s: 0.2 + 0.8 * (1 - s), 0.01, 0.02, "budget.macs")
@@ -215,3 +290,45 @@ def test_a_budget_run_prunes_exactly_as_its_sparsity_would_and_lands_where_its_p
     for name in first:
         for kind in first[name]:
             assert torch.equal(first[name][kind], second[name][kind]), (name, kind)
+
+
+@pytest.mark.parametrize(
+    ("fallback", "final", "met", "line"),
+    [
+        (
+            "nearest",
+            0.3503,
+            True,
+            "budget: macs within [0.34, 0.36] of the baseline's, met: 0.3503 (sparsity 0.4138, "
+            "found in 4 prunings); over 0.35: no whole-channel step lands in [0.34, 0.35], "
+            "budget.fallback=nearest took the nearest",
+        ),
+        (
+            "below",
+            0.3387,
+            False,
+            "budget: macs within [0.34, 0.35] of the baseline's, NOT met: 0.3387 (sparsity "
+            "0.4139, found in 4 prunings)",
+        ),
+        (
+            None,  # a record from before budget.fallback
+            0.3450,
+            True,
+            "budget: macs within [0.34, 0.35] of the baseline's, met: 0.3450 (sparsity 0.4139, "
+            "found in 4 prunings)",
+        ),
+    ],
+)
+def test_the_summary_says_where_the_budget_landed_and_why_over_it(fallback, final, met, line):
+    from pipeline.report.console import budget_line
+
+    budget = {
+        "kind": "macs",
+        "target": 0.35,
+        "tolerance": 0.01,
+        "sparsity": 0.4138 if final > 0.35 else 0.4139,
+        "final": final,
+        "met": met,
+        "evaluations": [{"sparsity": s, "ratio": r} for s, r in QUICK_START_PROBES],
+    } | ({"fallback": fallback} if fallback else {})
+    assert budget_line(budget) == line

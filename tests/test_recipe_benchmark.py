@@ -60,6 +60,8 @@ def test_a_recipe_is_a_config_preset_the_pipeline_runs(recipe):
     default = recipe.settings_for(args, 1, "default")
     assert default.pruner.iterations > 1
     assert default.budget.tolerance == 0.01  # every recipe's MACs within 0.01 of the budget
+    # ... on either side where a recipe's steps jump over [budget - 0.01, budget]
+    assert {recipe.settings_for(args, 1, r).budget.fallback for r in args.recipes} == {"nearest"}
     # The default recipe is the project's defaults: the same job as no recipe at all.
     project = recipe.common.project_settings
     assert config_identity(project(["+recipe=default"])) == config_identity(project([]))
@@ -232,9 +234,7 @@ def test_each_family_is_refereed_at_its_best_on_validation(table):
         lines[4].startswith("refereed MACs 0.35: pipeline_tp loses ")
         and "reference_kenning" in (lines[4])
     )
-    assert (
-        lines[-3] == "refereed: every row's MACs within 0.01 below its budget: met (36 of 36 rows)"
-    )
+    assert lines[-3] == "refereed: every row's MACs within 0.01 of its budget: met (36 of 36 rows)"
     # The target at 0.5 is read on the recipe a budget run defaults to; mean_rank's beside it.
     assert lines[-2].startswith("refereed MACs 0.5: pipeline_tp (the default for budgets) loses ")
     assert lines[-1].startswith("refereed MACs 0.5: default (mean_rank) loses ")
@@ -245,11 +245,19 @@ def test_a_row_outside_the_macs_window_is_named(table):
     rows[1]["macs_ratio"] = 0.3387  # Torch-Pruning's quick-start jumps from 0.3503 to it
     rows.append(made_up_row("control", None, 1, 0.9))
     assert table.macs_window_line(rows) == (
-        "refereed: every row's MACs within 0.01 below its budget: MISSED (1 of 2 rows; "
+        "refereed: every row's MACs within 0.01 of its budget: MISSED (1 of 2 rows; "
         "outside: torch_pruning seed 1 at MACs 0.35: 0.3387)"
     )
-    rows[1]["macs_ratio"] = 0.3503  # over the budget is outside too
+    # budget.fallback=nearest lands it over the budget, within the window: met, and named.
+    rows[1]["macs_ratio"] = 0.3503
+    assert table.macs_window_line(rows) == (
+        "refereed: every row's MACs within 0.01 of its budget: met (2 of 2 rows; "
+        "over it: torch_pruning seed 1 at MACs 0.35: 0.3503)"
+    )
+    rows[1]["macs_ratio"] = 0.3601  # more than the window over it
     assert "MISSED" in table.macs_window_line(rows)
+    rows[1]["macs_ratio"] = 0.34  # exactly the window below it, up to float rounding
+    assert "met (2 of 2 rows)" in table.macs_window_line(rows)
 
 
 def test_the_default_for_budgets_is_the_recipe_a_budget_run_composes(recipe, table):

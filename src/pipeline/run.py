@@ -362,7 +362,7 @@ def budget_summary(search: BudgetSearch, measurements: dict) -> dict:
     final = budget_achieved(
         search.kind, measurements["baseline"], measurements["pruned"], measurements["latency_ratio"]
     )
-    met = within_budget(search.kind, search.target, search.tolerance, final)
+    met = within_budget(search.kind, search.target, search.tolerance, final, search.fallback)
     return search.as_dict() | {"final": final, "met": met}
 
 

@@ -383,6 +383,9 @@ class SearchSettings:
     )
 
 
+BUDGET_FALLBACKS = ("below", "nearest")
+
+
 @dataclass
 class BudgetSettings:
     """A cost target instead of a sparsity (pipeline.pruning.budget): a ratio of the baseline's."""
@@ -393,6 +396,10 @@ class BudgetSettings:
     latency: float | None = ranged(lambda v: v is None or 0 < v < 1, "null or a ratio in (0, 1)")
     # MACs and params land in [target - tolerance, target]
     tolerance: float = ranged(lambda v: 0 < v < 0.5, "a number in (0, 0.5)")
+    # Where whole-channel steps jump over that window, MACs and params take the model below it
+    # (the target is a ceiling), or the one nearest the target within the tolerance on either
+    # side (recipes compared at one size). A latency ratio stays at most its target.
+    fallback: str = ranged(lambda v: v in BUDGET_FALLBACKS, "below, nearest", "below")
 
 
 BUDGET_KINDS = ("macs", "params", "latency")

@@ -36,18 +36,7 @@ def notes(record: dict) -> list[str]:
         )
     budget = (record.get("pruning") or {}).get("budget")
     if budget is not None:
-        verdict = "met" if budget["met"] else "NOT met"
-        target, tolerance = budget["target"], budget["tolerance"]
-        asked = (
-            f"at most {target}"
-            if budget["kind"] == "latency"
-            else f"within [{target - tolerance:.4g}, {target}]"
-        )
-        lines.append(
-            f"budget: {budget['kind']} {asked} of the baseline's, {verdict}: "
-            f"{budget['final']:.3f} (sparsity {budget['sparsity']:.4f}, found in "
-            f"{len(budget['evaluations'])} prunings)"
-        )
+        lines.append(budget_line(budget))
     change = record["accuracy_change"]
     lines.append(
         f"accuracy change: paired over {change['images']} test images, 95 % bootstrap interval; "
@@ -77,6 +66,33 @@ def notes(record: dict) -> list[str]:
         )
     lines.append(line)
     return lines
+
+
+def budget_line(budget: dict) -> str:
+    """The budget asked for, whether the final model met it, and where it landed: "over" the
+    target where budget.fallback=nearest took the step above a window no step lands in."""
+    verdict = "met" if budget["met"] else "NOT met"
+    target, tolerance = budget["target"], budget["tolerance"]
+    # Records from before budget.fallback have no key: they kept the model below.
+    nearest = budget.get("fallback", "below") == "nearest"
+    ceiling = target + tolerance if nearest else target
+    asked = (
+        f"at most {target}"
+        if budget["kind"] == "latency"
+        else f"within [{target - tolerance:.4g}, {ceiling:.4g}]"
+    )
+    over = budget["kind"] != "latency" and budget["final"] > target
+    return (
+        f"budget: {budget['kind']} {asked} of the baseline's, {verdict}: "
+        f"{budget['final']:.4f} (sparsity {budget['sparsity']:.4f}, found in "
+        f"{len(budget['evaluations'])} prunings)"
+        + (
+            f"; over {target}: no whole-channel step lands in [{target - tolerance:.4g}, "
+            f"{target}], budget.fallback=nearest took the nearest"
+            if over
+            else ""
+        )
+    )
 
 
 def latency_rows(record: dict, in_format: str = "") -> list[tuple[str, str, str, str]]:
