@@ -81,6 +81,37 @@ def test_what_the_server_missed_is_kept_then_sent_in_order_once(tracker, tmp_pat
     assert not outbox.exists(), "an outbox all sent is removed"
 
 
+def test_a_retry_while_nothing_listens_costs_a_connect_not_the_clients_retries(tracker, tmp_path):
+    """MLflow's client retries with back-off (seconds each time, training waiting on the lock);
+    past RETRY_S the tracker first tries the port once and keeps the op if nothing is there."""
+    import socket
+    import time
+
+    client = tracker._client
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed again below: a port nothing listens on
+    tracker.uri = f"http://127.0.0.1:{port}"
+    client.down = True
+    tracker.log_metrics({"a": 1.0}, step=1)
+    tries = client.tries
+    tracker._failed_at = time.monotonic() - 60  # RETRY_S later
+    started = time.monotonic()
+    tracker.log_metrics({"a": 2.0}, step=2)
+    assert client.tries == tries, "a closed port is not worth the client's retries"
+    assert time.monotonic() - started < 1.0
+    assert [op["metrics"][0][1] for _, op in tracker._outbox.pending()] == [1.0, 2.0]
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", port))
+        server.listen()
+        client.down = False
+        tracker._failed_at = time.monotonic() - 60
+        tracker.log_metrics({"a": 3.0}, step=3)
+    assert [call[1][0][1] for call in client.calls] == [1.0, 2.0, 3.0]
+    assert not (tmp_path / OUTBOX_FILE).exists()
+
+
 def test_a_failure_midway_through_sending_resumes_after_the_last_sent(tracker, tmp_path):
     client, outbox = tracker._client, tracker._outbox
     client.down = True
@@ -183,3 +214,26 @@ def test_a_dataset_row_created_by_a_parallel_job_meanwhile_is_found_on_the_next_
     }  # fmt: skip
     send(Racing(), "run", {"op": "dataset", "dataset": record})
     assert Racing.calls == 2
+
+
+def test_sync_to_a_server_that_is_still_down_says_so_at_once(tmp_path):
+    """`python -m pipeline.sync` while nothing listens: the line at once, not after MLflow's
+    retries and back-off (minutes by its defaults); everything stays kept."""
+    import socket
+    import time
+
+    from pipeline.tracking.outbox import sync_folder
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        uri = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    outbox = Outbox(tmp_path / OUTBOX_FILE, {"uri": uri, "run_id": "run1"})
+    outbox.add({"op": "batch", "tags": [["a", "1"]]})
+    started = time.monotonic()
+    line = sync_folder(tmp_path)
+    assert time.monotonic() - started < 2.0
+    assert line == (
+        f"sync: {uri} is still not answering; 1 of 1 kept operations of run run1 wait in "
+        f"{tmp_path / OUTBOX_FILE}"
+    )
+    assert len(pending(tmp_path / OUTBOX_FILE)) == 1

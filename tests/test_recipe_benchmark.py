@@ -341,6 +341,9 @@ def test_the_benchmark_runs_the_pipeline_and_resumes(recipe, tmp_path, capsys):
         f"dataset.root={root}",
         # No pruner.training_steps: the torch_pruning recipe's criterion reads none, and refuses it.
         *("max_batches=2", "pruner.recalibration_batches=2"),
+        # Two steps for every recipe (the global one takes 20 a probe, most of this test's time
+        # otherwise); each recipe's own settings are checked in the tests above.
+        "pruner.iterations=2",
         *("measure.repeats=3", "measure.warmup=1", "measure.rounds=2"),
     ]
     recipe.main(argv)

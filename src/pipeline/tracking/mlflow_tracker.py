@@ -28,6 +28,7 @@ from pipeline.tracking.outbox import (
     OUTBOX_FILE,
     Outbox,
     kept_elsewhere,
+    listening,
     send,
     sync_folder,
     unreachable,
@@ -301,6 +302,13 @@ class MlflowTracker:
                 flush=True,
             )
 
+    def _listening(self) -> bool:
+        """Before a retry: a closed port counts as a failure without MLflow's retries."""
+        if self._failed_at is None or listening(self.uri):
+            return True
+        self._failed_at = time.monotonic()
+        return False
+
     def _flush_kept(self) -> None:
         sent = self._outbox.flush(self._client, self.run_id)
         log.warning(
@@ -314,7 +322,7 @@ class MlflowTracker:
         with self._lock:
             outbox = self._outbox
             if outbox is not None and outbox.path.exists():
-                if wait_before_retry(self._failed_at):
+                if wait_before_retry(self._failed_at) or not self._listening():
                     outbox.add(op)
                     return None
                 try:

@@ -15,11 +15,13 @@ import json
 import logging
 import os
 import re
+import socket
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from pipeline.files import file_lock
 
@@ -27,6 +29,7 @@ log = logging.getLogger(__name__)
 
 OUTBOX_FILE = "tracking_outbox.jsonl"
 RETRY_S = 5.0  # seconds between two tries to reach a server that stopped answering
+PROBE_TIMEOUT_S = 2.0  # a host that drops packets instead of refusing them
 DATASET_TRIES = 5
 
 # MLflow's REST client: a server that is down, restarting or overloaded, after its own retries.
@@ -168,11 +171,12 @@ def sync_folder(run_dir: Path, uri: str | None = None) -> str:
         if count == 0:
             path.unlink(missing_ok=True)
             return f"sync: nothing kept in {run_dir}"
-        client = MlflowClient(target)
         try:
-            sent = flush(path, client, head["run_id"])
+            if not listening(target):  # at once, not after the client's retries and back-off
+                raise ConnectionError(f"nothing listens at {target}")
+            sent = flush(path, MlflowClient(target), head["run_id"])
         except Exception as error:
-            if not unreachable(error):
+            if not (isinstance(error, ConnectionError) or unreachable(error)):
                 raise
             left = len(pending(path))
             return (
@@ -204,3 +208,18 @@ def kept_elsewhere(output_root: Path, uri: str) -> list[Path]:
 def wait_before_retry(last_failure: float | None) -> bool:
     """True while the last failure is more recent than RETRY_S."""
     return last_failure is not None and time.monotonic() - last_failure < RETRY_S
+
+
+def listening(uri: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
+    """Whether anything accepts a connection at the server's host and port: one try, no
+    retries. A retry while the server is down costs the run this instead of MLflow's own
+    retries and back-off (seconds, with the tracker's lock held, so training waits)."""
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return True  # not a server this can probe: the client's own call decides
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parts.hostname, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
