@@ -11,6 +11,7 @@ from mlflow.exceptions import MlflowException
 
 from pipeline.tracking.mlflow_tracker import MlflowTracker
 from pipeline.tracking.outbox import OUTBOX_FILE, Outbox, pending, unreachable
+from test_tracking import free_port
 
 DOWN = "API request to http://127.0.0.1:5000/api/2.0/mlflow/runs/log-batch failed with exception "
 DOWN += "HTTPConnectionPool(host='127.0.0.1', port=5000): Max retries exceeded"
@@ -88,9 +89,7 @@ def test_a_retry_while_nothing_listens_costs_a_connect_not_the_clients_retries(t
     import time
 
     client = tracker._client
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]  # closed again below: a port nothing listens on
+    port = free_port()  # nothing listens on it
     tracker.uri = f"http://127.0.0.1:{port}"
     client.down = True
     tracker.log_metrics({"a": 1.0}, step=1)
@@ -219,14 +218,11 @@ def test_a_dataset_row_created_by_a_parallel_job_meanwhile_is_found_on_the_next_
 def test_sync_to_a_server_that_is_still_down_says_so_at_once(tmp_path):
     """`python -m pipeline.sync` while nothing listens: the line at once, not after MLflow's
     retries and back-off (minutes by its defaults); everything stays kept."""
-    import socket
     import time
 
     from pipeline.tracking.outbox import sync_folder
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        uri = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens on it
     outbox = Outbox(tmp_path / OUTBOX_FILE, {"uri": uri, "run_id": "run1"})
     outbox.add({"op": "batch", "tags": [["a", "1"]]})
     started = time.monotonic()

@@ -19,12 +19,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--uri", help="send to this tracking URI instead of the one recorded")
     args = parser.parse_args(argv)
 
-    from pipeline.tracking.mlflow_tracker import HTTP_RETRIES, quiet_mlflow
+    from pipeline.tracking.mlflow_tracker import limit_http_retries, quiet_mlflow
     from pipeline.tracking.outbox import OUTBOX_FILE, sync_folder
 
     quiet_mlflow()
-    for name, value in HTTP_RETRIES.items():  # as a run's: seconds, not minutes, per request
-        os.environ.setdefault(name, value)
+    limit_http_retries()  # as a run's: seconds, not minutes, per request
     # MLflow prints each run's address when its status is set: the one line below says it all.
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     waiting = False

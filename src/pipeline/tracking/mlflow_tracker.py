@@ -228,8 +228,7 @@ class MlflowTracker:
         if remote:
             # MLflow retries a request 7 times with a doubling back-off (minutes of waiting per
             # call while a server is down); the outbox keeps the data instead, and retries.
-            for name, value in HTTP_RETRIES.items():
-                os.environ.setdefault(name, value)
+            limit_http_retries()
         mlflow.set_tracking_uri(uri)
         self._client = MlflowClient(uri)
         exp_id = experiment_id(self._client, self.settings["experiment"], self.output_root)
@@ -302,12 +301,13 @@ class MlflowTracker:
                 flush=True,
             )
 
-    def _listening(self) -> bool:
-        """Before a retry: a closed port counts as a failure without MLflow's retries."""
+    def _still_down(self) -> bool:
+        """Before a retry: whether nothing listens at the server's port, which counts as a
+        failure (restarting the RETRY_S wait) without the client's retries and back-off."""
         if self._failed_at is None or listening(self.uri):
-            return True
+            return False
         self._failed_at = time.monotonic()
-        return False
+        return True
 
     def _flush_kept(self) -> None:
         sent = self._outbox.flush(self._client, self.run_id)
@@ -322,7 +322,7 @@ class MlflowTracker:
         with self._lock:
             outbox = self._outbox
             if outbox is not None and outbox.path.exists():
-                if wait_before_retry(self._failed_at) or not self._listening():
+                if wait_before_retry(self._failed_at) or self._still_down():
                     outbox.add(op)
                     return None
                 try:
@@ -449,6 +449,12 @@ HTTP_RETRIES = {
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
 }
+
+
+def limit_http_retries() -> None:
+    """HTTP_RETRIES for MLflow's REST client, where the user's environment does not set them."""
+    for name, value in HTTP_RETRIES.items():
+        os.environ.setdefault(name, value)
 
 
 def send_kept_elsewhere(output_root: Path, uri: str) -> None:

@@ -171,13 +171,14 @@ def sync_folder(run_dir: Path, uri: str | None = None) -> str:
         if count == 0:
             path.unlink(missing_ok=True)
             return f"sync: nothing kept in {run_dir}"
-        try:
-            if not listening(target):  # at once, not after the client's retries and back-off
-                raise ConnectionError(f"nothing listens at {target}")
-            sent = flush(path, MlflowClient(target), head["run_id"])
-        except Exception as error:
-            if not (isinstance(error, ConnectionError) or unreachable(error)):
-                raise
+        sent = None  # nothing listens: said at once, not after the client's retries
+        if listening(target):
+            try:
+                sent = flush(path, MlflowClient(target), head["run_id"])
+            except Exception as error:
+                if not unreachable(error):
+                    raise
+        if sent is None:
             left = len(pending(path))
             return (
                 f"sync: {target} is still not answering; {left} of {count} kept operations of "
