@@ -215,12 +215,19 @@ def test_a_dataset_row_created_by_a_parallel_job_meanwhile_is_found_on_the_next_
     assert Racing.calls == 2
 
 
-def test_sync_to_a_server_that_is_still_down_says_so_at_once(tmp_path):
+def test_sync_to_a_server_that_is_still_down_says_so_at_once(tmp_path, monkeypatch):
     """`python -m pipeline.sync` while nothing listens: the line at once, not after MLflow's
     retries and back-off (minutes by its defaults); everything stays kept."""
     import time
 
+    import mlflow
+
     from pipeline.tracking.outbox import sync_folder
+
+    def no_client(*args, **kwargs):
+        raise AssertionError("a closed port needs no MLflow client")
+
+    monkeypatch.setattr(mlflow, "MlflowClient", no_client)
 
     uri = f"http://127.0.0.1:{free_port()}"  # nothing listens on it
     outbox = Outbox(tmp_path / OUTBOX_FILE, {"uri": uri, "run_id": "run1"})
